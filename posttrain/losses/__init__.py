@@ -12,3 +12,4 @@ get_loss = LOSSES.get
 
 # Importing the modules registers their losses.
 from posttrain.losses import sft  # noqa: E402,F401
+from posttrain.losses import dpo, policy, preference  # noqa: E402,F401

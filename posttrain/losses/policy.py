@@ -1,0 +1,174 @@
+"""Policy-gradient pieces for RLVR: group advantages, KL estimators, token aggregation and the GRPO loss.
+
+Shapes: B sequences (rollouts) of up to T response tokens; `mask` [B, T] is 1 on response tokens and
+0 on padding. Log-probs are per token, [B, T].
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from posttrain.errors import ConfigError
+from posttrain.losses import register_loss
+
+Metrics = dict[str, torch.Tensor]
+
+ADVANTAGE_MODES = ("centered", "standard")
+AGGREGATIONS = ("token_mean", "sequence_mean", "sum_constant")
+
+
+def group_advantages(
+    rewards: torch.Tensor, mode: str = "centered", eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-relative advantages (GRPO, Shao et al. 2024, "DeepSeekMath"; "centered" as in Dr. GRPO, Liu et al. 2025).
+
+    rewards [P, G]: G sampled responses for each of P prompts.
+    centered: A = r - mean_group(r);  standard: A = (r - mean_group(r)) / (std_group(r) + eps), with the
+    unbiased (G - 1) std, as torch.std and the common GRPO implementations.
+    Returns (advantages [P, G], keep_mask [P] bool). keep_mask is False for groups whose rewards are all
+    equal (no learning signal; also every group when G = 1); their advantages are exactly 0.
+    """
+    if mode not in ADVANTAGE_MODES:
+        raise ConfigError(f"unknown advantage mode {mode!r}; known modes: {', '.join(ADVANTAGE_MODES)}")
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards has shape {list(rewards.shape)}; expected [num_prompts, group_size]")
+    # Exact equality, not std < tol: a group is dropped only when it truly has no signal.
+    keep_mask = rewards.amax(-1) != rewards.amin(-1)
+    advantages = rewards - rewards.mean(-1, keepdim=True)
+    if mode == "standard" and rewards.shape[-1] > 1:
+        advantages = advantages / (rewards.std(-1, keepdim=True) + eps)
+    # Zero exactly: the float mean of equal values can differ from them in the last bit.
+    advantages = torch.where(keep_mask[:, None], advantages, torch.zeros_like(advantages))
+    return advantages, keep_mask
+
+
+def _kl_k1(log_ratio: torch.Tensor) -> torch.Tensor:
+    return -log_ratio
+
+
+def _kl_k2(log_ratio: torch.Tensor) -> torch.Tensor:
+    return 0.5 * log_ratio**2
+
+
+def _kl_k3(log_ratio: torch.Tensor) -> torch.Tensor:
+    return torch.expm1(log_ratio) - log_ratio
+
+
+KL_ESTIMATORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"k1": _kl_k1, "k2": _kl_k2, "k3": _kl_k3}
+
+
+def kl_penalty(logprobs: torch.Tensor, reference_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman 2020, "Approximating KL Divergence").
+
+    d = logp_ref - logp;  k1 = -d,  k2 = d^2 / 2,  k3 = exp(d) - d - 1  (k2, k3 >= 0; k3 unbiased, low variance).
+    Same shape as the inputs; gradients flow through `logprobs` (the reference is treated as constant).
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ConfigError(f"unknown KL estimator {estimator!r}; known estimators: {', '.join(KL_ESTIMATORS)}")
+    return KL_ESTIMATORS[estimator](reference_logprobs.detach() - logprobs)
+
+
+def aggregate_token_losses(
+    token_losses: torch.Tensor,
+    mask: torch.Tensor,
+    aggregation: str = "token_mean",
+    constant_normalizer: float | None = None,
+) -> torch.Tensor:
+    """Reduce per-token values [B, T] to a scalar; the choice changes the gradient, so it is explicit.
+
+    token_mean:    sum_{b,t} m x / sum_{b,t} m                  (every token in the batch weighs the same)
+    sequence_mean: (1/B) sum_b [ sum_t m x / sum_t m ]          (GRPO paper: every sequence weighs the same)
+    sum_constant:  sum_{b,t} m x / constant_normalizer          (Dr. GRPO: no length bias; pass e.g.
+                                                                 max_response_length * batch size)
+    A sequence (or batch) with no response tokens contributes 0 rather than NaN.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ConfigError(f"unknown loss aggregation {aggregation!r}; known aggregations: {', '.join(AGGREGATIONS)}")
+    if token_losses.shape != mask.shape:
+        raise ValueError(f"token losses have shape {list(token_losses.shape)} but mask has {list(mask.shape)}")
+    mask = mask.to(token_losses.dtype)
+    masked = token_losses * mask
+    if aggregation == "token_mean":
+        return masked.sum() / mask.sum().clamp(min=1.0)
+    if aggregation == "sequence_mean":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if constant_normalizer is None:
+        raise ValueError("aggregation 'sum_constant' needs constant_normalizer, e.g. max_response_length * batch "
+                         "size; it must not depend on the batch's actual lengths")
+    return masked.sum() / constant_normalizer
+
+
+def _token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return aggregate_token_losses(values.detach(), mask, "token_mean")
+
+
+@register_loss("grpo")
+def grpo(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float,
+    clip_high: float,
+    reference_logprobs: torch.Tensor | None = None,
+    kl_beta: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    aggregation: str = "token_mean",
+    constant_normalizer: float | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """Clipped policy-gradient loss of GRPO (Shao et al. 2024), with DAPO clip-higher (Yu et al. 2025).
+
+    ratio = exp(logp - logp_old); per token
+        pg = max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high))
+        x  = pg + kl_beta * k(logp_ref - logp) - entropy_coef * entropy
+    and loss = aggregate_token_losses(x, mask, aggregation, constant_normalizer).
+
+    Shapes: logprobs, old_logprobs, mask, reference_logprobs, entropy [B, T]; advantages [B] (one per
+    sequence, broadcast over tokens) or [B, T]. old_logprobs, advantages and reference_logprobs are
+    treated as constants (detached); entropy is not, so the bonus has a gradient.
+    Metrics (detached): loss; policy_loss (pg, aggregated like the loss); clip_fraction (token share where
+    the clipped term is active, i.e. the gradient is cut); ratio_mean; kl (token mean, only when
+    reference_logprobs is given); entropy (token mean, only when entropy is given).
+    """
+    if not logprobs.shape == old_logprobs.shape == mask.shape or logprobs.dim() != 2:
+        raise ValueError(f"grpo expects logprobs, old_logprobs and mask of equal shape [B, T]; got "
+                         f"{list(logprobs.shape)}, {list(old_logprobs.shape)}, {list(mask.shape)}")
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]
+    if advantages.shape[0] != logprobs.shape[0]:
+        raise ValueError(f"advantages has shape {list(advantages.shape)}; expected [B] or [B, T] with B = "
+                         f"{logprobs.shape[0]}")
+    if kl_beta != 0.0 and reference_logprobs is None:
+        raise ValueError(f"grpo: kl_beta = {kl_beta} needs reference_logprobs; pass them or set kl_beta = 0")
+    if entropy_coef != 0.0 and entropy is None:
+        raise ValueError(f"grpo: entropy_coef = {entropy_coef} needs the per-token entropy; pass it or set "
+                         f"entropy_coef = 0")
+
+    advantages = advantages.detach()
+    ratio = torch.exp(logprobs - old_logprobs.detach())
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    policy_token_losses = torch.maximum(unclipped, clipped)
+
+    token_losses = policy_token_losses
+    metrics: Metrics = {}
+    if reference_logprobs is not None:
+        kl = kl_penalty(logprobs, reference_logprobs, kl_estimator)
+        token_losses = token_losses + kl_beta * kl
+        metrics["kl"] = _token_mean(kl, mask)
+    if entropy is not None:
+        token_losses = token_losses - entropy_coef * entropy
+        metrics["entropy"] = _token_mean(entropy, mask)
+
+    loss = aggregate_token_losses(token_losses, mask, aggregation, constant_normalizer)
+    metrics["loss"] = loss.detach()
+    metrics["policy_loss"] = aggregate_token_losses(policy_token_losses.detach(), mask, aggregation,
+                                                    constant_normalizer)
+    metrics["clip_fraction"] = _token_mean((clipped > unclipped).to(logprobs.dtype), mask)
+    metrics["ratio_mean"] = _token_mean(ratio, mask)
+    return loss, metrics
