@@ -1,0 +1,96 @@
+"""Synthetic, verifiable chat task: multi-digit addition and subtraction.
+
+Each row is a chat conversation whose final answer a verifier can check:
+    {"messages": [{"role": "user", "content": "What is 347 + 85?"},
+                  {"role": "assistant", "content": "347 + 85 = 432\n#### 432"}],
+     "prompt": [<the user turn>], "ground_truth": "432", "verifier": "gsm8k"}
+The answer line uses GSM8K's "#### <number>" format, so the `gsm8k` verifier (last number) checks it.
+
+Splits are deterministic in the seed and disjoint: a question lands in the held-out split iff a
+hash of its text falls in the held-out bucket, so no eval question is ever trained on.
+
+CLI: python -m data_recipes.arithmetic --out DIR [--num-train N --num-eval N --seed S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+from pathlib import Path
+
+from data_recipes import register_task
+
+HELD_OUT_BUCKETS = 10  # 1 in 10 questions belongs to the held-out split
+
+
+def _is_held_out(question: str) -> bool:
+    digest = hashlib.sha256(question.encode()).digest()
+    return digest[0] % HELD_OUT_BUCKETS == 0
+
+
+def make_problem(rng: random.Random, max_digits: int) -> tuple[str, int]:
+    """A question "What is a + b?" / "What is a - b?" and its integer answer."""
+    a = rng.randint(0, 10**max_digits - 1)
+    b = rng.randint(0, 10**max_digits - 1)
+    if rng.random() < 0.5:
+        return f"{a} + {b}", a + b
+    return f"{a} - {b}", a - b
+
+
+def make_row(expression: str, answer: int) -> dict:
+    question = f"What is {expression}?"
+    prompt = [{"role": "user", "content": question}]
+    response = f"{expression} = {answer}\n#### {answer}"
+    return {
+        "messages": prompt + [{"role": "assistant", "content": response}],
+        "prompt": prompt,
+        "ground_truth": str(answer),
+        "verifier": "gsm8k",
+    }
+
+
+@register_task("arithmetic")
+def arithmetic(split: str, num_examples: int, seed: int, max_digits: int = 2) -> list[dict]:
+    """`num_examples` distinct addition/subtraction problems with up to `max_digits`-digit operands."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    want_held_out = split == "eval"
+    capacity = 2 * (10**max_digits) ** 2 // HELD_OUT_BUCKETS
+    if want_held_out and num_examples > capacity // 2:
+        raise ValueError(f"only ~{capacity} held-out {max_digits}-digit problems exist; ask for fewer")
+    rng = random.Random(f"arithmetic:{seed}:{split}")
+    rows, seen = [], set()
+    attempts = 0
+    while len(rows) < num_examples:
+        attempts += 1
+        if attempts > 200 * num_examples + 10_000:
+            raise ValueError(f"could not draw {num_examples} distinct {split} problems with max_digits={max_digits}")
+        expression, answer = make_problem(rng, max_digits)
+        question = f"What is {expression}?"
+        if question in seen or _is_held_out(question) != want_held_out:
+            continue
+        seen.add(question)
+        rows.append(make_row(expression, answer))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--num-train", type=int, default=2000)
+    parser.add_argument("--num-eval", type=int, default=200)
+    parser.add_argument("--max-digits", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", args.num_train), ("eval", args.num_eval)):
+        rows = arithmetic(split, count, args.seed, max_digits=args.max_digits)
+        path = args.out / f"arithmetic_{split}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        print(f"wrote {len(rows)} rows to {path}")
+
+
+if __name__ == "__main__":
+    main()

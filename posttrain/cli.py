@@ -1,0 +1,63 @@
+"""The one entry point: `posttrain <hydra overrides>` and `python -m posttrain`.
+
+`algo=` picks the trainer. The same command runs single-process, under `torchrun` or under the
+`deepspeed` launcher, and `-m` sweeps (e.g. `posttrain -m optim.lr=1e-4,3e-4`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+CONF_DIR = Path(os.environ.get("POSTTRAIN_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
+
+
+def _prepare_environment() -> None:
+    """Defaults that must be in place before torch / deepspeed / wandb are imported."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    if not os.environ.get("CUDA_VISIBLE_DEVICES", "x") or not _has_cuda():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run(cfg) -> Path | None:
+    """Run the trainer `cfg.algo.name`; a user error prints one line and exits with status 2."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from posttrain.errors import PosttrainError
+    from posttrain.logging import log, setup_console_logging
+    from posttrain.trainers import trainer_module
+
+    setup_console_logging()
+    if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
+        with open_dict(cfg):
+            cfg.run_dir = HydraConfig.get().runtime.output_dir  # one run dir per sweep job
+    try:
+        return trainer_module(cfg.algo.name).main(cfg)
+    except PosttrainError as error:
+        log.error("error: %s", error)
+        sys.exit(2)
+
+
+def main() -> None:
+    _prepare_environment()
+    import hydra
+
+    from posttrain.config import register_configs
+
+    if not CONF_DIR.is_dir():
+        sys.exit(f"posttrain: config directory {CONF_DIR} not found; set POSTTRAIN_CONF_DIR")
+    register_configs()
+    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(run)()
+
+
+if __name__ == "__main__":
+    main()

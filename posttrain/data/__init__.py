@@ -1,0 +1,1 @@
+"""Chat templates, tokenisation with assistant-only masks, packing collators and datasets."""

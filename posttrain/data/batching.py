@@ -1,0 +1,102 @@
+"""Deterministic step-wise batching and the packing (padding-free) / padding collators.
+
+Optimizer step s consumes examples perm[s*B : (s+1)*B] of a seeded per-epoch permutation, with
+B = micro_batch_size x grad_accum x world_size. Every rank can therefore count the target tokens of
+the whole step locally (no all-reduce), and the same examples form a step whatever the split into
+micro-batches and ranks — which is what makes micro-batch 1 x accum 8 equal micro-batch 8 x accum 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.data.chat import IGNORE_INDEX, TokenizedExample
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    world_size: int
+    num_examples: int
+    seed: int
+
+    @property
+    def examples_per_step(self) -> int:
+        return self.micro_batch_size * self.gradient_accumulation_steps * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        # A trailing partial step is dropped so every step has the same shape.
+        return self.num_examples // self.examples_per_step
+
+    def step_indices(self, step: int) -> list[int]:
+        """Example indices of global optimizer step `step` (0-based), all ranks and micro-batches."""
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{self.num_examples} examples are fewer than one optimizer step "
+                f"({self.examples_per_step} = micro_batch_size x gradient_accumulation_steps x world_size)"
+            )
+        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        permutation = torch.randperm(self.num_examples, generator=generator)
+        start = step_in_epoch * self.examples_per_step
+        return permutation[start : start + self.examples_per_step].tolist()
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        """This rank's micro-batches of step `step`, in order."""
+        indices = self.step_indices(step)
+        per_micro = self.micro_batch_size * self.world_size
+        return [
+            indices[m * per_micro + rank * self.micro_batch_size : m * per_micro + (rank + 1) * self.micro_batch_size]
+            for m in range(self.gradient_accumulation_steps)
+        ]
+
+
+def shifted_targets(labels: list[int]) -> list[int]:
+    """targets[t] = labels[t + 1]: the token position t predicts; the last position predicts nothing."""
+    return labels[1:] + [IGNORE_INDEX]
+
+
+def collate_packed(examples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
+    """Pack examples into one row [1, total]; position_ids restart at 0 for each document.
+
+    transformers derives a block-diagonal causal mask from the restarting position_ids (and
+    flash-attn's varlen path does the same on GPU), so no token attends across documents.
+    Targets are shifted inside each document, so no document predicts the next one's first token.
+    """
+    input_ids, positions, targets = [], [], []
+    for example in examples:
+        input_ids += example.input_ids
+        positions += list(range(len(example.input_ids)))
+        targets += shifted_targets(example.labels)
+    return {
+        "input_ids": torch.tensor([input_ids]),
+        "position_ids": torch.tensor([positions]),
+        "targets": torch.tensor([targets]),
+    }
+
+
+def collate_padded(examples: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad examples to the longest one; attention_mask marks real tokens."""
+    length = max(len(example.input_ids) for example in examples)
+    input_ids = torch.full((len(examples), length), pad_token_id)
+    targets = torch.full((len(examples), length), IGNORE_INDEX)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        targets[row, :n] = torch.tensor(shifted_targets(example.labels))
+        attention_mask[row, :n] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask, "targets": targets}
+
+
+def collate(examples: list[TokenizedExample], packing: bool, pad_token_id: int) -> dict[str, torch.Tensor]:
+    return collate_packed(examples) if packing else collate_padded(examples, pad_token_id)
+
+
+def count_target_tokens(examples: list[TokenizedExample]) -> int:
+    return sum(example.num_target_tokens for example in examples)

@@ -1,0 +1,1 @@
+"""The DeepSpeed ZeRO backend: engine, distributed set-up, atomic checkpoints, export."""

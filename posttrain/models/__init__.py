@@ -1,0 +1,1 @@
+"""Policy / reference / reward models: loading, the tiny default, the log-prob wrapper, LoRA."""

@@ -1,0 +1,104 @@
+"""Load or build the policy model and its tokenizer.
+
+`model.path` set: any causal LM from the Hugging Face hub or a local directory.
+`model.path` null: the tiny Llama-style default, built from `model.tiny` with a tokenizer trained
+locally on the task text. The tokenizer is saved in the run dir so a resumed run reuses it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
+
+from posttrain.errors import ConfigError
+from posttrain.models.tokenizer import CHAT_TEMPLATE, train_tokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"model.dtype={name!r} is not supported; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_tokenizer(model_cfg, texts: Iterable[str] | None, save_dir: Path | None) -> PreTrainedTokenizerBase:
+    """The tokenizer for `model_cfg`: from `model.path`, from `save_dir` if saved, else trained on `texts`."""
+    if model_cfg.path:
+        tokenizer = AutoTokenizer.from_pretrained(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code)
+        if model_cfg.chat_template:
+            tokenizer.chat_template = model_cfg.chat_template
+        elif tokenizer.chat_template is None:
+            log.warning("%s has no chat template; using posttrain's default template", model_cfg.path)
+            tokenizer.chat_template = CHAT_TEMPLATE
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+    if save_dir is not None and (save_dir / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(str(save_dir))
+    if texts is None:
+        raise ConfigError("the tiny model needs task text to train its tokenizer; none was given")
+    tokenizer = train_tokenizer(texts, vocab_size=model_cfg.tiny.vocab_size)
+    if save_dir is not None:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(str(save_dir))
+    return tokenizer
+
+
+def tiny_llama_config(tiny_cfg, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
+    """A Llama config from `model.tiny`; head_dim = hidden / heads must be >= 32 for vLLM's CPU backend."""
+    head_dim = tiny_cfg.hidden_size // tiny_cfg.num_heads
+    if head_dim < 32:
+        raise ConfigError(
+            f"model.tiny gives head_dim {head_dim} (hidden_size {tiny_cfg.hidden_size} / num_heads "
+            f"{tiny_cfg.num_heads}); vLLM's CPU attention needs head_dim >= 32"
+        )
+    # Round the vocabulary up to a multiple of 64 so the embedding shapes stay kernel-friendly.
+    vocab_size = -(-len(tokenizer) // 64) * 64
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=tiny_cfg.hidden_size,
+        intermediate_size=tiny_cfg.intermediate_size,
+        num_hidden_layers=tiny_cfg.num_layers,
+        num_attention_heads=tiny_cfg.num_heads,
+        num_key_value_heads=tiny_cfg.num_kv_heads,
+        max_position_embeddings=tiny_cfg.max_position_embeddings,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def load_model(model_cfg, tokenizer: PreTrainedTokenizerBase, seed: int) -> torch.nn.Module:
+    """The causal LM for `model_cfg` (initialised deterministically from `seed` when built from config)."""
+    dtype = torch_dtype(model_cfg.dtype)
+    if model_cfg.path:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_cfg.path,
+            dtype=dtype,
+            attn_implementation=model_cfg.attn_implementation,
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
+    else:
+        config = tiny_llama_config(model_cfg.tiny, tokenizer)
+        config._attn_implementation = model_cfg.attn_implementation
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        raise ConfigError(
+            f"the tokenizer has {len(tokenizer)} tokens but {model_cfg.path}'s embedding only "
+            f"{model.get_input_embeddings().num_embeddings}; use the model's own tokenizer"
+        )
+    return model

@@ -1,0 +1,54 @@
+"""`CausalLMWithLogprobs`: the module every trainer hands to the engine.
+
+Its forward returns per-token log-probs (and entropies) of the targets straight from the final hidden
+states and the lm_head weight through `posttrain.ops.linear_logprobs`, so the fused kernel never
+materialises [tokens, vocab] logits. Under ZeRO-3 the lm_head weight is registered as an external
+parameter of this wrapper, so DeepSpeed gathers it for this forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from posttrain.ops import linear_logprobs
+
+
+def base_causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers CausalLM inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class CausalLMWithLogprobs(nn.Module):
+    def __init__(self, model: nn.Module, fused: bool = True, zero_stage: int = 0):
+        super().__init__()
+        self.policy = model
+        self.fused = fused
+        if zero_stage == 3:
+            import deepspeed
+
+            deepspeed.zero.register_external_parameter(self, self.lm_head.weight)
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return base_causal_lm(self.policy).get_output_embeddings()
+
+    def hidden_states(self, input_ids, position_ids=None, attention_mask=None) -> torch.Tensor:
+        """Final (normed) hidden states [B, T, H] of the decoder."""
+        decoder = base_causal_lm(self.policy).get_decoder()
+        output = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)
+        return output.last_hidden_state
+
+    def forward(self, input_ids, targets, position_ids=None, attention_mask=None, temperature: float = 1.0):
+        """(logprobs [B, T], entropy [B, T]) float32 of `targets` (IGNORE_INDEX positions give 0)."""
+        hidden = self.hidden_states(input_ids, position_ids, attention_mask)
+        head = self.lm_head
+        logprobs, entropy = linear_logprobs(
+            hidden.reshape(-1, hidden.shape[-1]),
+            head.weight,
+            targets.reshape(-1),
+            bias=head.bias,
+            temperature=temperature,
+            fused=self.fused,
+        )
+        return logprobs.view(targets.shape), entropy.view(targets.shape)
