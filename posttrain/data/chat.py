@@ -2,7 +2,8 @@
 
 Masks are found by rendering growing prefixes of the conversation with the tokenizer's own chat
 template, so they are right for any template (hub models included), multi-turn as well: the tokens
-between "messages[:i] + generation prompt" and "messages[:i+1]" are assistant turn i.
+between "messages[:i] + generation prompt" and "messages[:i+1]" are assistant turn i (up to and
+including its end-of-sequence token).
 """
 
 from __future__ import annotations
@@ -61,7 +62,13 @@ def tokenize_conversation(tokenizer, messages: list[dict], where: str = "convers
         through = render_ids(tokenizer, messages[: turn + 1])
         if input_ids[: len(through)] != through:
             raise DataError(f"{where}: the chat template does not render turn {turn} as a prefix of the whole conversation; assistant masks cannot be derived")
-        labels[start : len(through)] = input_ids[start : len(through)]
+        end = len(through)
+        # Stop at the turn's end-of-sequence token: template text after it (e.g. a newline) is not
+        # something the model should learn to generate.
+        turn_ids = input_ids[start:end]
+        if tokenizer.eos_token_id in turn_ids:
+            end = start + len(turn_ids) - turn_ids[::-1].index(tokenizer.eos_token_id)
+        labels[start:end] = input_ids[start:end]
     return TokenizedExample(input_ids, labels)
 
 

@@ -33,7 +33,7 @@ def deepspeed_config(ds_cfg, train_cfg, optim_cfg, dtype: str) -> dict[str, Any]
         "train_micro_batch_size_per_gpu": train_cfg.micro_batch_size,
         "gradient_accumulation_steps": train_cfg.gradient_accumulation_steps,
         "train_batch_size": train_cfg.micro_batch_size * train_cfg.gradient_accumulation_steps * world_size(),
-        "gradient_clipping": optim_cfg.max_grad_norm,
+        "gradient_clipping": 0.0 if clips_outside_deepspeed(ds_cfg.zero_stage, dtype) else optim_cfg.max_grad_norm,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": dtype == "bfloat16"},
@@ -43,6 +43,11 @@ def deepspeed_config(ds_cfg, train_cfg, optim_cfg, dtype: str) -> dict[str, Any]
     }
     config.update(dict(ds_cfg.overrides))
     return config
+
+
+def clips_outside_deepspeed(zero_stage: int, dtype: str) -> bool:
+    """True where DeepSpeed clips (ZeRO-0, fp32) but throws the gradient norm away: posttrain clips then."""
+    return zero_stage == 0 and dtype == "float32"
 
 
 def build_optimizer(parameters, optim_cfg, offload: bool) -> torch.optim.Optimizer:
@@ -73,7 +78,20 @@ def build_engine(module: torch.nn.Module, cfg, total_steps: int):
     return engine
 
 
+def step(engine, max_grad_norm: float) -> None:
+    """`engine.step()` after a micro-batch's backward; at the accumulation boundary the gradients are
+    clipped to `max_grad_norm` (by DeepSpeed, or here where DeepSpeed would not report the norm)."""
+    if engine.is_gradient_accumulation_boundary() and engine.gradient_clipping() == 0.0:
+        parameters = [p for p in engine.module.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm if max_grad_norm > 0 else float("inf"))
+        engine.posttrain_grad_norm = float(norm)
+    engine.step()
+
+
 def grad_norm(engine) -> float:
+    """The gradient norm (before clipping) of the last optimizer step."""
+    if hasattr(engine, "posttrain_grad_norm"):
+        return engine.posttrain_grad_norm
     norm = engine.get_global_grad_norm()
     if norm is None:
         return float("nan")

@@ -36,6 +36,8 @@ class CausalLMWithLogprobs(nn.Module):
     def hidden_states(self, input_ids, position_ids=None, attention_mask=None) -> torch.Tensor:
         """Final (normed) hidden states [B, T, H] of the decoder."""
         decoder = base_causal_lm(self.policy).get_decoder()
+        # use_cache=False is load-bearing: transformers builds the block-diagonal mask of packed rows
+        # from restarting position_ids only when there is no KV cache.
         output = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)
         return output.last_hidden_state
 

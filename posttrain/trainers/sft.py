@@ -123,7 +123,7 @@ def train_step(run: SFTRun, step: int) -> dict[str, float]:
             step_target_tokens=step_target_tokens, reduction=cfg.algo.loss_reduction, world_size=world_size(),
         )
         engine.backward(loss, scale_wrt_gas=False)
-        engine.step()
+        backend.step(engine, cfg.optim.max_grad_norm)
         nll_sum += float(parts["nll_sum"])
         local_tokens += int(batch["input_ids"].numel() if cfg.data.packing else batch["attention_mask"].sum())
     elapsed = time.perf_counter() - started

