@@ -1,0 +1,165 @@
+"""MATH verifier: extract the final answer, then check symbolic equivalence with math_verify.
+
+Sources: the MATH dataset (Hendrycks et al. 2021, "Measuring Mathematical Problem Solving With the
+MATH Dataset"), whose solutions put the answer in \\boxed{...} (their `last_boxed_only_string`);
+Minerva (Lewkowycz et al. 2022), whose prompt ends answers with "Final Answer: The final answer is
+X. I hope it is correct."; the Tülu 3 RLVR MATH verifier (Lambert et al. 2024); and HuggingFace's
+math_verify package for the equivalence test.
+
+Answer extraction, first rule that applies:
+1. The last \\boxed or \\fbox: its brace-matched argument (nested braces fine; \\{ and \\} are
+   literal braces, not groups), or after a space the text up to the next "$" or line end
+   ("\\boxed 5"). A last box that never closes ("\\boxed{\\frac{") gives no answer.
+2. The last "The final answer is X" (any case): the rest of that line, cut before "I hope it is
+   correct", without a trailing period or surrounding "$".
+3. The content of the last $...$ pair.
+Answers longer than MAX_ANSWER_CHARS give no answer (real MATH answers are under 100 characters).
+
+Equivalence: both answers are parsed as LaTeX with `math_verify.parse` and compared with
+`math_verify.verify(gold, predicted)` ("\\frac{1}{2}" == "0.5" == "1/2", "x=5" matches "5", sets
+ignore order, ...). Both calls run under `safe.call_with_timeout`, with math_verify's own SIGALRM
+timeouts turned off (they would cancel an enclosing deadline; see `posttrain.rewards.safe`), so
+LaTeX that sends the ANTLR parser or sympy into minutes of work scores 0 after `timeout_s`, from any
+thread. math_verify logs one warning that its own timeout is disabled; that is expected.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+
+from posttrain.errors import DataError
+from posttrain.rewards import register_verifier
+from posttrain.rewards.safe import VerificationTimeout, call_with_timeout
+
+logger = logging.getLogger(__name__)
+
+MAX_ANSWER_CHARS = 1000
+DEFAULT_TIMEOUT_S = 5.0  # as math_verify's own default; reward.DEFAULT_TIMEOUT_S is shorter on purpose
+
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+_BRACE_OR_ESCAPE = re.compile(r"\\.|[{}]", re.DOTALL)
+_FINAL_ANSWER = re.compile(r"final answer is", re.IGNORECASE)
+_DOLLAR_MATH = re.compile(r"\$([^$]+)\$")
+
+
+def _braced_argument(text: str, open_index: int) -> str | None:
+    """Content of the group opened by the "{" at `open_index`, or None if it never closes."""
+    depth = 0
+    for token in _BRACE_OR_ESCAPE.finditer(text, open_index):
+        if token.group() == "{":
+            depth += 1
+        elif token.group() == "}":
+            depth -= 1
+            if depth == 0:
+                return text[open_index + 1 : token.start()]
+    return None
+
+
+def last_boxed(text: str) -> str | None:
+    """Argument of the last \\boxed / \\fbox in `text` (rule 1), or None if absent or unclosed."""
+    start, command = max((text.rfind(command), command) for command in _BOX_COMMANDS)
+    if start < 0:
+        return None
+    after = start + len(command)
+    rest = text[after:]
+    stripped = rest.lstrip()
+    if stripped.startswith("{"):
+        return _braced_argument(text, after + len(rest) - len(stripped))
+    if rest[:1].isspace():  # "\boxed 5$" (Hendrycks et al.): up to the next "$" or line end
+        return re.split(r"[$\n]", stripped, maxsplit=1)[0].strip()
+    return None  # "\boxedfoo" is another command, not a box
+
+
+def _minerva_final_answer(text: str) -> str | None:
+    last = None
+    for last in _FINAL_ANSWER.finditer(text):
+        pass
+    if last is None:
+        return None
+    line = text[last.end() :].split("\n", 1)[0]
+    answer = re.split(r"i hope it is correct", line, maxsplit=1, flags=re.IGNORECASE)[0]
+    return answer.strip().rstrip(".").strip().strip("$").strip()
+
+
+def _last_dollar_math(text: str) -> str | None:
+    last = None
+    for last in _DOLLAR_MATH.finditer(text):
+        pass
+    return None if last is None else last.group(1).strip()
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer in a completion by the rules of the module docstring, or None if there is none."""
+    if any(command in text for command in _BOX_COMMANDS):
+        answer = last_boxed(text)
+    else:
+        answer = _minerva_final_answer(text)
+        if answer is None:
+            answer = _last_dollar_math(text)
+    if not answer or len(answer) > MAX_ANSWER_CHARS:
+        return None
+    return answer
+
+
+def gold_answer(ground_truth: str | int | float) -> str:
+    """The reference answer: a bare answer ("\\frac{1}{2}", 3) or a MATH solution with \\boxed{...}.
+
+    Raises DataError naming the ground truth if it holds no answer.
+    """
+    if isinstance(ground_truth, bool) or not isinstance(ground_truth, (str, int, float)):
+        raise DataError(f"math ground_truth must be a string or a number, got {ground_truth!r}")
+    text = str(ground_truth)
+    answer = last_boxed(text) if any(command in text for command in _BOX_COMMANDS) else text
+    answer = (answer or "").strip().strip("$").strip()
+    if not answer:
+        raise DataError(f"math ground_truth {text[:200]!r} holds no answer (empty or an unclosed \\boxed)")
+    return answer
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_latex(answer: str) -> list:
+    # Imported here: math_verify pulls in sympy and ANTLR (about a second), needed only by this verifier.
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    return parse(
+        f"${answer}$",
+        extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
+        parsing_timeout=None,
+    )
+
+
+def _equivalent(gold: str, predicted: str) -> bool:
+    from math_verify import verify
+
+    return bool(verify(_parse_latex(gold), _parse_latex(predicted), timeout_seconds=None))
+
+
+def answers_equivalent(gold: str, predicted: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    """Whether two extracted answers are mathematically equal per math_verify (gold first: verify is
+    asymmetric). False if parsing and comparing take longer than `timeout_s` seconds, or fail.
+    """
+    try:
+        return call_with_timeout(_equivalent, (gold, predicted), timeout_s)
+    except VerificationTimeout:
+        logger.debug("math equivalence timed out after %g s for answer %.80r", timeout_s, predicted)
+        return False
+    except Exception:  # math_verify catches its own errors; this covers sympy corners it misses
+        logger.debug("math equivalence failed for answer %.80r", predicted, exc_info=True)
+        return False
+
+
+@register_verifier("math")
+def score_math(completion: str, ground_truth: str | int | float, timeout_s: float = DEFAULT_TIMEOUT_S) -> float:
+    """1.0 if the completion's final answer is equivalent to the ground truth, else 0.0.
+
+    Rules in the module docstring. Bounded time on any completion (`timeout_s` for the symbolic
+    check, linear-time extraction before it); never raises because of the completion; raises
+    DataError if the ground truth holds no answer.
+    """
+    gold = gold_answer(ground_truth)
+    predicted = extract_answer(completion)
+    if predicted is None:
+        return 0.0
+    return 1.0 if answers_equivalent(gold, predicted, timeout_s) else 0.0
