@@ -1,0 +1,108 @@
+"""The entry point as users meet it: config typos, bad input, sweeps, composition of every YAML."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cli_helpers import run_posttrain
+from conftest import compose_config
+from posttrain.cli import CONF_DIR, run
+
+FAST = ["data.num_train=64", "data.num_eval=8", "logger.progress_bar=false", "train.max_steps=2"]
+
+
+def every_group_option():
+    for group_dir in sorted(p for p in CONF_DIR.iterdir() if p.is_dir()):
+        for option in sorted(group_dir.glob("*.yaml")):
+            yield group_dir.name, option.stem
+
+
+@pytest.mark.parametrize("group, option", list(every_group_option()))
+def test_every_yaml_in_conf_composes(group, option, tmp_path):
+    overrides = [f"{group}={option}", f"run_dir={tmp_path}"]
+    if group == "model" and option == "hf":
+        overrides.append("model.path=some/model")
+    if group == "data" and option == "jsonl":
+        overrides.append("data.train_files=[train.jsonl]")
+    cfg = compose_config(overrides)
+    assert cfg[group] is not None
+
+
+def test_config_typo_fails_at_start_naming_the_key(tmp_path):
+    result = run_posttrain("optim.lrr=1e-4", f"run_dir={tmp_path / 'run'}", timeout=120)
+    assert result.returncode != 0
+    assert "lrr" in result.stderr and "OptimConfig" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path
+
+
+GOOD = {"messages": [{"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": "1 + 1 = 2\n#### 2"}]}
+
+BAD_INPUTS = {
+    "missing_file": (None, "does not exist"),
+    "no_messages": ([GOOD, {"text": "hello"}], 'row 2 of {file} has no "messages" field'),
+    "unknown_role": ([GOOD, GOOD, {"messages": [{"role": "bot", "content": "x"}]}], "row 3 of {file}: message 0 has unknown role 'bot'"),
+    "no_assistant": ([{"messages": [{"role": "user", "content": "hi"}]}], "row 1 of {file}: the conversation has no assistant turn"),
+    "empty_dataset": ([], "the train data ({file}) holds no rows"),
+    "too_long": ([GOOD, {"messages": [{"role": "user", "content": "7 " * 400}, {"role": "assistant", "content": "ok"}]}], "row 2 of {file} has"),
+    "bad_json": ([GOOD, "{not json"], "line 2 of {file} is not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gets_one_clear_error_and_keeps_the_run_dir(case, tmp_path, caplog):
+    rows, expected = BAD_INPUTS[case]
+    data_file = tmp_path / "train.jsonl"
+    if rows is not None:
+        write_jsonl(data_file, rows)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (run_dir / "config.yaml").write_text("earlier: run\n")
+    cfg = compose_config(["data=jsonl", f"data.train_files=[{data_file}]", "data.max_length=64", f"run_dir={run_dir}", *FAST])
+    with pytest.raises(SystemExit) as exit_info:
+        run(cfg)
+    assert exit_info.value.code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and expected.format(file=data_file) in errors[0], errors
+    assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+    assert (run_dir / "config.yaml").read_text() == "earlier: run\n"
+
+
+def test_bad_rows_can_be_skipped_and_counted(tmp_path):
+    data_file = write_jsonl(tmp_path / "train.jsonl", [GOOD] * 16 + [{"text": "x"}, {"messages": [{"role": "user", "content": "q"}]}])
+    from posttrain.data.sft import build_sft_examples
+    from posttrain.data.sources import load_rows
+    from posttrain.models.tokenizer import train_tokenizer
+
+    cfg = compose_config(["data=jsonl", f"data.train_files=[{data_file}]", "data.on_bad_row=skip", f"run_dir={tmp_path}"])
+    tokenizer = train_tokenizer(["What is 1 + 1? 2"], 300)
+    examples, skipped = build_sft_examples(load_rows(cfg.data, "train"), tokenizer, cfg.data, "train")
+    assert len(examples) == 16 and skipped.bad_row == 2
+
+
+def test_bad_input_from_the_command_line_prints_no_traceback(tmp_path):
+    result = run_posttrain("data=jsonl", f"data.train_files=[{tmp_path / 'nope.jsonl'}]", f"run_dir={tmp_path / 'run'}", timeout=300)
+    assert result.returncode == 2
+    assert f"data file {tmp_path / 'nope.jsonl'} does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.integration
+def test_multirun_sweep_gives_one_run_dir_per_job(tmp_path):
+    result = run_posttrain("-m", "optim.lr=1e-3,3e-3", f"run_dir={tmp_path / 'sweep'}", *FAST, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job in ("0", "1"):
+        job_dir = tmp_path / "sweep" / job
+        assert (job_dir / "final" / "model.safetensors").exists()
+        config = yaml.safe_load((job_dir / "config.yaml").read_text())
+        assert config["run_dir"] == str(job_dir)
+    lrs = {yaml.safe_load((tmp_path / "sweep" / j / "config.yaml").read_text())["optim"]["lr"] for j in ("0", "1")}
+    assert lrs == {1e-3, 3e-3}
