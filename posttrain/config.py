@@ -13,6 +13,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from posttrain.rollout.config import RolloutConfig, SamplingConfig
+
 
 @dataclass
 class TinyModelConfig:
@@ -118,6 +120,64 @@ class SFTAlgoConfig:
 
 
 @dataclass
+class ReferenceConfig:
+    """The frozen reference policy of the DPO family (unused by reference-free losses such as simpo)."""
+
+    path: Optional[str] = None  # reference model; null: the policy's starting point (model.path / the tiny init)
+    cache: bool = True  # compute its log-probs once before training, on disk; false keeps a live reference model
+    cache_dir: Optional[str] = None  # null: $POSTTRAIN_CACHE_DIR/reference_logps or ~/.cache/posttrain/reference_logps
+    micro_batch_size: int = 16  # pairs per forward while precomputing
+
+
+@dataclass
+class DPOAlgoConfig:
+    name: str = "dpo"
+    loss: str = "dpo"  # a registered DPO-family loss: dpo | dpo_norm | simpo | ipo | hinge | wpo
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    loss_kwargs: dict[str, Any] = field(default_factory=dict)  # loss-specific, e.g. {gamma_beta_ratio: 0.3} for simpo
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+
+
+@dataclass
+class RewardAlgoConfig:
+    """Reward model: Bradley-Terry (head=bt, a scalar) or the General Preference Model (head=gpm)."""
+
+    name: str = "rm"
+    head: str = "bt"  # bt | gpm
+    embed_dim: int = 8  # gpm: 2k, the preference embedding size (even)
+    normalize: bool = True  # gpm: L2-normalise the embedding
+    prompt_gate: bool = False  # gpm: lambda(x) = softmax(W_p h_prompt) scales the k blocks
+    tau: float = 0.1  # gpm: P(y_i > y_j) = sigma(s / tau)
+    margin: float = 0.0  # bt and gpm: loss on (score - margin)
+
+
+@dataclass
+class RLVRAlgoConfig:
+    """GRPO-family RL with verifiable rewards (REFERENCE.md section 4). One step = one rollout batch."""
+
+    name: str = "rlvr"
+    prompts_per_step: int = 16  # prompts sampled per rollout step, over all ranks
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n=8, temperature=1.0, max_tokens=64))
+    advantage: str = "standard"  # standard: (r - mean) / (std + eps) | centered: r - mean
+    drop_zero_variance_groups: bool = True
+    clip_low: float = 0.2
+    clip_high: float = 0.28  # DAPO clip-higher
+    kl_beta: float = 0.0  # > 0 keeps a frozen reference policy
+    kl_estimator: str = "k3"  # k1 | k2 | k3
+    entropy_coef: float = 0.0
+    aggregation: str = "token_mean"  # token_mean | sequence_mean | sum_constant (Dr. GRPO)
+    epochs_per_batch: int = 1  # passes over each rollout batch (PPO epochs)
+    minibatches_per_epoch: int = 1  # optimizer steps per pass
+    verification_reward: float = 10.0  # Tülu 3: 10 for a verified answer
+    nonstop_penalty: float = 0.0  # added when a completion hits max_tokens without stopping (Tülu 3: -10)
+    verifier_timeout_s: float = 3.0
+    reference_refresh_every: int = 0  # rollout steps between copying the policy into the reference (0: never)
+    eval_every: int = 0  # rollout steps between greedy held-out evaluations (0: only before and after)
+    eval_max_tokens: int = 64
+
+
+@dataclass
 class Config:
     algo: Any = MISSING
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -128,13 +188,14 @@ class Config:
     peft: PeftConfig = field(default_factory=PeftConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     run_dir: str = MISSING
     seed: int = 0
     resume: str = "auto"  # auto: continue from the newest checkpoint in run_dir if any | never
     init_from: Optional[str] = None  # reserved for pipelines: a previous stage's final/ dir
 
 
-ALGO_SCHEMAS: dict[str, type] = {"sft": SFTAlgoConfig}
+ALGO_SCHEMAS: dict[str, type] = {"sft": SFTAlgoConfig, "dpo": DPOAlgoConfig, "rm": RewardAlgoConfig, "rlvr": RLVRAlgoConfig}
 
 
 def register_configs() -> None:

@@ -4,7 +4,7 @@ import importlib
 
 from posttrain.errors import ConfigError
 
-TRAINERS = {"sft": "posttrain.trainers.sft"}
+TRAINERS = {"sft": "posttrain.trainers.sft", "dpo": "posttrain.trainers.dpo", "rm": "posttrain.trainers.reward", "rlvr": "posttrain.trainers.rlvr"}
 
 
 def trainer_module(name: str):

@@ -1,0 +1,79 @@
+"""RLVR trainer mechanics: completion log-prob alignment, chunked accumulation, group filtering."""
+
+import pytest
+import torch
+
+from posttrain.data.chat import IGNORE_INDEX, TokenizedExample, render_ids
+from posttrain.losses import get_loss
+from posttrain.losses.policy import group_advantages
+from posttrain.models.logprob_model import CausalLMWithLogprobs
+from posttrain.rollout.completion import Completion
+from posttrain.trainers.rlvr import Sequence, build_sequences, chunks, loss_scale, response_logprobs
+
+
+def make_sequences(tokenizer, rows, advantages):
+    sequences = []
+    for row, advantage in zip(rows, advantages):
+        prompt = render_ids(tokenizer, row["prompt"], add_generation_prompt=True)
+        completion = tokenizer(row["messages"][-1]["content"] + "<|end|>", add_special_tokens=False)["input_ids"]
+        labels = [IGNORE_INDEX] * len(prompt) + completion
+        sequences.append(Sequence(TokenizedExample(prompt + completion, labels), len(prompt), advantage))
+    return sequences
+
+
+def test_completion_logprobs_align_with_a_plain_forward(tiny_model, tiny_tokenizer, arithmetic_rows):
+    sequences = make_sequences(tiny_tokenizer, arithmetic_rows[:3], [1.0, -1.0, 0.5])
+    module = CausalLMWithLogprobs(tiny_model, fused=False).eval()
+    with torch.no_grad():
+        logprobs, _, mask = response_logprobs(module, sequences)
+        for row, sequence in enumerate(sequences):
+            ids = torch.tensor([sequence.example.input_ids])
+            full = torch.log_softmax(tiny_model(input_ids=ids).logits[0].float(), -1)
+            completion = ids[0, sequence.prompt_length :]
+            expected = full[sequence.prompt_length - 1 : -1].gather(-1, completion[:, None])[:, 0]
+            assert int(mask[row].sum()) == len(completion)
+            torch.testing.assert_close(logprobs[row, : len(completion)], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean", "sum_constant"])
+def test_chunked_accumulation_equals_one_pass(aggregation, tiny_model, tiny_tokenizer, arithmetic_rows):
+    """Summing loss_scale-weighted chunk losses gives the gradient of the whole minibatch's loss."""
+    sequences = make_sequences(tiny_tokenizer, arithmetic_rows[:6], [1.0, -0.5, 0.25, -1.0, 2.0, -0.75])
+    module = CausalLMWithLogprobs(tiny_model, fused=False)
+    with torch.no_grad():
+        old, _, _ = response_logprobs(module, sequences)
+    old = old - 0.05  # ratios away from 1 so clipping and ratios matter
+    index = {id(s): i for i, s in enumerate(sequences)}
+    kwargs = dict(clip_low=0.2, clip_high=0.28, aggregation=aggregation, constant_normalizer=64.0 * len(sequences))
+
+    def loss_of(part):
+        logprobs, _, mask = response_logprobs(module, part)
+        rows = torch.stack([old[index[id(s)]] for s in part])[:, : mask.shape[1]]
+        loss, _ = get_loss("grpo")(logprobs, rows * mask, torch.tensor([s.advantage for s in part]), mask, **kwargs)
+        return loss, float(mask.sum())
+
+    module.zero_grad()
+    loss_of(sequences)[0].backward()
+    whole = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    total_tokens = float(sum(len(s.example.input_ids) - s.prompt_length for s in sequences))
+    for chunk in chunks(sequences, 3):
+        loss, chunk_tokens = loss_of(chunk)
+        (loss * loss_scale(aggregation, chunk, chunk_tokens, total_tokens, float(len(sequences)))).backward()
+    for expected, parameter in zip(whole, module.parameters()):
+        torch.testing.assert_close(parameter.grad, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_chunks_are_exact_and_may_be_empty():
+    assert chunks(list(range(5)), 3) == [[0, 1], [2, 3], [4]]
+    assert chunks([1], 3) == [[1], [], []]
+
+
+def test_zero_variance_groups_are_dropped_before_training():
+    rewards = torch.tensor([[10.0, 10.0, 10.0], [0.0, 10.0, 0.0]])  # prompt 0: all verified, no signal
+    advantages, keep = group_advantages(rewards, mode="standard")
+    completions = [Completion(p, s, [1, 2], [3, 4], "x", [0.0, 0.0], "stop") for p in range(2) for s in range(3)]
+    sequences = build_sequences(completions, advantages, keep, n=3)
+    assert len(sequences) == 3
+    assert sorted(s.advantage for s in sequences) == pytest.approx(sorted(advantages[1].tolist()))
+    assert all(s.example.labels[:2] == [IGNORE_INDEX, IGNORE_INDEX] for s in sequences)
