@@ -30,19 +30,31 @@ def _is_held_out(question: str) -> bool:
     return digest[0] % HELD_OUT_BUCKETS == 0
 
 
-def make_problem(rng: random.Random, max_digits: int) -> tuple[str, int]:
-    """A question "What is a + b?" / "What is a - b?" and its integer answer."""
+def make_problem(rng: random.Random, max_digits: int, operations: str) -> tuple[str, int, int, int]:
+    """(expression, answer, a, b) for "a + b" or "a - b" with operands below 10**max_digits."""
     a = rng.randint(0, 10**max_digits - 1)
     b = rng.randint(0, 10**max_digits - 1)
-    if rng.random() < 0.5:
-        return f"{a} + {b}", a + b
-    return f"{a} - {b}", a - b
+    if operations == "+" or (operations == "+-" and rng.random() < 0.5):
+        return f"{a} + {b}", a + b, a, b
+    return f"{a} - {b}", a - b, a, b
 
 
-def make_row(expression: str, answer: int) -> dict:
+def column_steps(a: int, b: int) -> list[str]:
+    """Column addition of a + b, least significant digit first: "7 + 5 + 0 = 12" per column."""
+    steps, carry, column = [], 0, 0
+    while a or b or column == 0:
+        digit_a, digit_b = a % 10, b % 10
+        total = digit_a + digit_b + carry
+        steps.append(f"{digit_a} + {digit_b} + {carry} = {total}")
+        carry, a, b, column = total // 10, a // 10, b // 10, column + 1
+    return steps
+
+
+def make_row(expression: str, answer: int, steps: list[str] | None = None) -> dict:
     question = f"What is {expression}?"
     prompt = [{"role": "user", "content": question}]
-    response = f"{expression} = {answer}\n#### {answer}"
+    work = "\n".join(steps) if steps else f"{expression} = {answer}"
+    response = f"{work}\n#### {answer}"
     return {
         "messages": prompt + [{"role": "assistant", "content": response}],
         "prompt": prompt,
@@ -52,12 +64,21 @@ def make_row(expression: str, answer: int) -> dict:
 
 
 @register_task("arithmetic")
-def arithmetic(split: str, num_examples: int, seed: int, max_digits: int = 2) -> list[dict]:
-    """`num_examples` distinct addition/subtraction problems with up to `max_digits`-digit operands."""
+def arithmetic(split: str, num_examples: int, seed: int, max_digits: int = 2, operations: str = "+-", steps: bool = False) -> list[dict]:
+    """`num_examples` distinct problems with up to `max_digits`-digit operands.
+
+    operations: "+-" (addition and subtraction), "+" or "-". steps=True writes the answer as column
+    addition, one line per digit with its carry, before the "#### answer" line (addition only): every
+    token then depends on a few earlier ones, which a 2-layer model can learn.
+    """
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    if operations not in ("+-", "+", "-"):
+        raise ValueError(f"operations must be '+-', '+' or '-', got {operations!r}")
+    if steps and operations != "+":
+        raise ValueError("steps=True is defined for addition only; set operations='+'")
     want_held_out = split == "eval"
-    capacity = 2 * (10**max_digits) ** 2 // HELD_OUT_BUCKETS
+    capacity = len(operations) * (10**max_digits) ** 2 // HELD_OUT_BUCKETS
     if want_held_out and num_examples > capacity // 2:
         raise ValueError(f"only ~{capacity} held-out {max_digits}-digit problems exist; ask for fewer")
     rng = random.Random(f"arithmetic:{seed}:{split}")
@@ -67,12 +88,12 @@ def arithmetic(split: str, num_examples: int, seed: int, max_digits: int = 2) ->
         attempts += 1
         if attempts > 200 * num_examples + 10_000:
             raise ValueError(f"could not draw {num_examples} distinct {split} problems with max_digits={max_digits}")
-        expression, answer = make_problem(rng, max_digits)
+        expression, answer, a, b = make_problem(rng, max_digits, operations)
         question = f"What is {expression}?"
         if question in seen or _is_held_out(question) != want_held_out:
             continue
         seen.add(question)
-        rows.append(make_row(expression, answer))
+        rows.append(make_row(expression, answer, column_steps(a, b) if steps else None))
     return rows
 
 
