@@ -6,12 +6,10 @@ setup -> (resume) -> train -> save. Data, model, loss, engine and logging come f
 from __future__ import annotations
 
 import logging
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from posttrain.data.batching import StepPlan, collate, count_target_tokens
@@ -28,6 +26,7 @@ from posttrain.models.loading import load_model, load_tokenizer
 from posttrain.models.logprob_model import CausalLMWithLogprobs
 from posttrain.models.lora import wrap_lora
 from posttrain.run_dir import resume_point, write_config
+from posttrain.training import batch_to, seed_everything, total_optimizer_steps
 
 log = logging.getLogger("posttrain")
 
@@ -57,12 +56,6 @@ def conversation_texts(rows) -> list[str]:
     return texts
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def setup(cfg) -> SFTRun:
     init_distributed()
     seed_everything(cfg.seed + rank())
@@ -86,9 +79,7 @@ def setup(cfg) -> SFTRun:
     module = CausalLMWithLogprobs(model, fused=cfg.model.fused_logprobs, zero_stage=cfg.deepspeed.zero_stage)
 
     plan = StepPlan(cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, world_size(), len(train_examples), cfg.seed)
-    total_steps = plan.steps_per_epoch * cfg.train.epochs
-    if cfg.train.max_steps > 0:
-        total_steps = min(total_steps, cfg.train.max_steps) if cfg.train.epochs > 0 else cfg.train.max_steps
+    total_steps = total_optimizer_steps(plan, cfg.train)
     engine = backend.build_engine(module, cfg, total_steps)
     start_step = load_checkpoint(engine, checkpoint)["step"] if checkpoint else 0
     if checkpoint:
@@ -99,10 +90,6 @@ def setup(cfg) -> SFTRun:
         plan.micro_batch_size, plan.gradient_accumulation_steps, plan.world_size,
     )
     return SFTRun(cfg, run_dir, tokenizer, engine, plan, train_examples, eval_examples, total_steps, start_step)
-
-
-def batch_to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    return {key: value.to(device) for key, value in batch.items()}
 
 
 def train_step(run: SFTRun, step: int) -> dict[str, float]:
