@@ -1,0 +1,194 @@
+"""The frozen reference policy of the DPO family: its log-probs computed once and cached on disk.
+
+Reference log-probs are constants of the dataset (REFERENCE.md section 2), so instead of a second
+model in memory and a second forward every step, `cached_reference_logprobs` runs the reference once
+over the pairs (each rank a strided shard, then gathered), stores the per-sequence SUMS and response
+lengths in `<cache_dir>/<key>.pt`, and the caller frees the model. A later run with the same key loads
+the file and never builds or runs the reference model.
+
+The key is a SHA-256 over everything that changes the numbers (`reference_cache_key`): the model's
+identity and weights fingerprint, the token ids and labels of every pair (which already reflect the
+data content, chat template, tokenizer, max length and truncation; the template, tokenizer vocabulary
+and max length are also hashed explicitly), dtype, the log-prob kernel, and the statistic stored.
+Sums and lengths serve every loss of the family (the length-normalised ones divide the two), so the
+loss name is deliberately not part of the key: dpo and dpo_norm share one cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from posttrain.data.preference import PreferenceExample, collate_pairs
+from posttrain.engine.distributed import barrier, is_main_process, rank, world_size
+from posttrain.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1  # bump when the file layout or the meaning of the stored numbers changes
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".json", ".model")
+
+
+@dataclass
+class ReferenceLogprobs:
+    """Per-pair reference sums of response-token log-probs, [N] float32 each, in dataset order."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+
+    def take(self, indices: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.tensor(indices, dtype=torch.long)
+        return self.chosen[index].to(device), self.rejected[index].to(device)
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("POSTTRAIN_CACHE_DIR") or Path.home() / ".cache" / "posttrain"
+    return Path(root) / "reference_logps"
+
+
+def examples_fingerprint(examples: list[PreferenceExample]) -> str:
+    """BLAKE2 of every pair's token ids, labels and prompt length, in order."""
+    digest = hashlib.blake2b(digest_size=32)
+    for example in examples:
+        for sequence in (example.chosen, example.rejected):
+            digest.update(torch.tensor(sequence.input_ids, dtype=torch.int64).numpy().tobytes())
+            digest.update(torch.tensor(sequence.labels, dtype=torch.int64).numpy().tobytes())
+            digest.update(b"|")
+        digest.update(str(example.prompt_length).encode() + b";")
+    return digest.hexdigest()
+
+
+def directory_fingerprint(path: Path) -> str:
+    """Names, sizes and modification times of a model directory's weight/config files (cheap for 70B).
+
+    Rewriting the weights (an export, a copy) changes the fingerprint; it never needs to read them.
+    """
+    entries = []
+    for file in sorted(path.rglob("*")):
+        if file.is_file() and file.suffix in WEIGHT_SUFFIXES:
+            stat = file.stat()
+            entries.append([str(file.relative_to(path)), stat.st_size, stat.st_mtime_ns])
+    if not entries:
+        raise ConfigError(f"reference model directory {path} holds no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def model_fingerprint(model_path: str | None, tiny: dict, seed: int) -> dict:
+    """Identity of the reference weights, without reading them: a local dir's file fingerprint, a hub
+    repo's commit, or the tiny model's config + init seed (it is built deterministically from them)."""
+    if model_path is None:
+        return {"tiny": tiny, "seed": seed, "torch": torch.__version__.split("+")[0]}
+    path = Path(model_path)
+    if path.is_dir():
+        return {"dir": str(path.resolve()), "files": directory_fingerprint(path)}
+    try:
+        from huggingface_hub import HfApi
+
+        return {"hub": model_path, "revision": HfApi().model_info(model_path).sha}
+    except Exception as error:  # offline or unknown: the cached snapshot's directory name is its commit
+        from huggingface_hub import snapshot_download
+
+        try:
+            return {"hub": model_path, "revision": Path(snapshot_download(model_path, local_files_only=True)).name}
+        except Exception:
+            raise ConfigError(
+                f"cannot fingerprint reference model {model_path!r} ({error}); download it to a local directory "
+                "and pass that path, or set algo.reference.cache=false"
+            ) from None
+
+
+def reference_cache_key(*, model: dict, examples: list[PreferenceExample], tokenizer, max_length: int, truncation: str,
+                        dtype: str, fused: bool) -> str:
+    """SHA-256 over everything that changes the cached numbers (see the module docstring)."""
+    vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+    parts = {
+        "format": CACHE_FORMAT,
+        "model": model,
+        "data": examples_fingerprint(examples),
+        "num_pairs": len(examples),
+        "chat_template": tokenizer.chat_template,
+        "tokenizer_vocab": vocab,
+        "max_length": max_length,
+        "truncation": truncation,
+        "dtype": dtype,
+        "fused_logprobs": fused,
+        "statistic": "response_logprob_sum",  # sums + lengths; means are derived, so one cache serves all losses
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+@torch.no_grad()
+def compute_reference_logprobs(model, examples: list[PreferenceExample], micro_batch_size: int, packing: bool,
+                               pad_token_id: int, device) -> ReferenceLogprobs:
+    """Sums for every pair: this rank scores pairs rank, rank + world, ...; the shards are gathered."""
+    from posttrain.training import pair_logprob_sums
+
+    mine = list(range(rank(), len(examples), world_size()))
+    chosen, rejected = [], []
+    for start in range(0, len(mine), micro_batch_size):
+        pairs = [examples[i] for i in mine[start : start + micro_batch_size]]
+        batch = collate_pairs(pairs, packing, pad_token_id).to(device)
+        sums = pair_logprob_sums(model, batch)
+        chosen += sums[0].cpu().tolist()
+        rejected += sums[1].cpu().tolist()
+    shards = [(mine, chosen, rejected)]
+    if world_size() > 1:
+        shards = [None] * world_size()
+        dist.all_gather_object(shards, (mine, chosen, rejected))
+    full_chosen, full_rejected = torch.empty(len(examples)), torch.empty(len(examples))
+    for indices, shard_chosen, shard_rejected in shards:
+        full_chosen[indices] = torch.tensor(shard_chosen, dtype=torch.float32)
+        full_rejected[indices] = torch.tensor(shard_rejected, dtype=torch.float32)
+    return ReferenceLogprobs(full_chosen, full_rejected)
+
+
+def cached_reference_logprobs(key: str, cache_dir: Path, num_pairs: int,
+                              compute: Callable[[], ReferenceLogprobs]) -> tuple[ReferenceLogprobs, bool]:
+    """(log-probs, hit): read `<cache_dir>/<key>.pt`, or call `compute()` on every rank and write it (rank 0,
+    atomically: a temporary file renamed into place, so a killed run never leaves a half file)."""
+    path = Path(cache_dir) / f"{key}.pt"
+    if path.exists():
+        stored = torch.load(path, weights_only=True)
+        if stored["key"] == key and stored["chosen"].shape[0] == num_pairs:
+            log.info("reference log-probs: cache hit %s (%d pairs); no reference model needed", path, num_pairs)
+            return ReferenceLogprobs(stored["chosen"], stored["rejected"]), True
+        log.warning("reference log-prob cache %s does not match this run; recomputing", path)
+    result = compute()
+    if is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+        torch.save({"key": key, "chosen": result.chosen, "rejected": result.rejected}, staging)
+        os.replace(staging, path)
+        log.info("reference log-probs: computed %d pairs, cached in %s", num_pairs, path)
+    barrier()
+    return result, False
+
+
+def frozen_model(module: torch.nn.Module, zero_stage: int, dtype: str, offload_params: bool = False):
+    """`module` ready for no-grad forwards: on the accelerator in eval mode, or (ZeRO-3) partitioned by a
+    DeepSpeed engine without an optimizer, so a 70B reference fits beside the policy."""
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+    module.eval()
+    if zero_stage != 3:
+        from deepspeed.accelerator import get_accelerator
+
+        return module.to(get_accelerator().current_device_name())
+    import deepspeed
+
+    zero = {"stage": 3}
+    if offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero,
+              "bf16": {"enabled": dtype == "bfloat16"}, "fp16": {"enabled": dtype == "float16"}}
+    engine, *_ = deepspeed.initialize(model=module, config=config)
+    engine.eval()
+    return engine
