@@ -173,8 +173,10 @@ class RLVRAlgoConfig:
     nonstop_penalty: float = 0.0  # added when a completion hits max_tokens without stopping (Tülu 3: -10)
     verifier_timeout_s: float = 3.0
     reference_refresh_every: int = 0  # rollout steps between copying the policy into the reference (0: never)
-    eval_every: int = 0  # rollout steps between greedy held-out evaluations (0: only before and after)
+    eval_every: int = 0  # rollout steps between held-out evaluations (0: only before and after)
     eval_max_tokens: int = 64
+    eval_temperature: float = 0.0  # 0: greedy; else pass@1 estimated from eval_samples_per_prompt samples
+    eval_samples_per_prompt: int = 1
 
 
 @dataclass

@@ -133,14 +133,17 @@ def setup(cfg) -> RLVRRun:
     return RLVRRun(cfg, run_dir, tokenizer, engine, reference, rollout, train_prompts, eval_prompts, plan, total_steps, start_step)
 
 
-def response_logprobs(model, sequences: list[Sequence], with_entropy: bool = False):
+def response_logprobs(model, sequences: list[Sequence], with_entropy: bool = False, temperature: float = 1.0):
     """Per-token log-probs (and entropies) of each sequence's completion tokens, as [B, L] padded
-    with zeros, from ONE packed forward of `model`, plus the [B, L] completion-token mask."""
+    with zeros, from ONE packed forward of `model`, plus the [B, L] completion-token mask.
+
+    `temperature` divides the logits, so the log-probs are those of the distribution the rollout
+    sampled from (the ratio in the policy loss is then on-policy at any sampling temperature)."""
     batch = collate_packed([s.example for s in sequences])
     device = model.device if hasattr(model, "device") else next(model.parameters()).device
     batch = batch_to(batch, device)
     targets = batch.pop("targets")
-    token_logprobs, token_entropy = model(targets=targets, **batch)
+    token_logprobs, token_entropy = model(targets=targets, temperature=temperature, **batch)
     lengths = [len(s.example.input_ids) - s.prompt_length for s in sequences]
     width = max(lengths)
     logprobs = token_logprobs.new_zeros(len(sequences), width)
@@ -222,7 +225,7 @@ def optimizer_step(run: RLVRRun, minibatch: list[Sequence], old: dict, reference
             engine.backward(logprobs.sum() * 0.0, scale_wrt_gas=False)
             backend.step(engine, cfg.optim.max_grad_norm)
             continue
-        logprobs, entropy, mask = response_logprobs(engine, chunk, with_entropy=True)
+        logprobs, entropy, mask = response_logprobs(engine, chunk, with_entropy=True, temperature=sampling_temperature(algo))
         ids = [id(s) for s in chunk]
         loss, parts = get_loss("grpo")(
             logprobs, pad_rows([old[i] for i in ids], mask), torch.tensor([s.advantage for s in chunk], device=mask.device), mask,
@@ -252,13 +255,17 @@ def pad_rows(rows: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def sampling_temperature(algo) -> float:
+    return algo.sampling.temperature if algo.sampling.temperature > 0 else 1.0
+
+
 @torch.no_grad()
-def per_sequence_logprobs(model, sequences: list[Sequence], micro_batch_size: int) -> dict[int, torch.Tensor]:
-    """{id(sequence): completion-token log-probs [L]} under `model` (no grad)."""
+def per_sequence_logprobs(model, sequences: list[Sequence], micro_batch_size: int, temperature: float) -> dict[int, torch.Tensor]:
+    """{id(sequence): completion-token log-probs [L]} under `model` at `temperature` (no grad)."""
     out = {}
     for start in range(0, len(sequences), micro_batch_size):
         chunk = sequences[start : start + micro_batch_size]
-        logprobs, _, mask = response_logprobs(model, chunk)
+        logprobs, _, mask = response_logprobs(model, chunk, temperature=temperature)
         for row, sequence in enumerate(chunk):
             out[id(sequence)] = logprobs[row, : int(mask[row].sum())]
     return out
@@ -267,18 +274,18 @@ def per_sequence_logprobs(model, sequences: list[Sequence], micro_batch_size: in
 def reference_logprobs(run: RLVRRun, sequences: list[Sequence]) -> dict[int, torch.Tensor]:
     if run.cfg.algo.kl_beta == 0.0:
         return {}
-    size = run.cfg.train.micro_batch_size
+    size, temperature = run.cfg.train.micro_batch_size, sampling_temperature(run.cfg.algo)
     if run.reference is not None:
-        return per_sequence_logprobs(run.reference, sequences, size)
+        return per_sequence_logprobs(run.reference, sequences, size, temperature)
     with run.engine.module.policy.disable_adapter():  # LoRA: the base model is the reference
-        return per_sequence_logprobs(run.engine, sequences, size)
+        return per_sequence_logprobs(run.engine, sequences, size, temperature)
 
 
 def update_policy(run: RLVRRun, sequences: list[Sequence], step: int) -> dict[str, float]:
     """Old log-probs, then the configured optimizer steps over the rollout batch."""
     algo, engine = run.cfg.algo, run.engine
     engine.eval()  # log-prob recomputation must match training forwards (no dropout either way)
-    old = per_sequence_logprobs(engine, sequences, run.cfg.train.micro_batch_size)
+    old = per_sequence_logprobs(engine, sequences, run.cfg.train.micro_batch_size, sampling_temperature(algo))
     reference = reference_logprobs(run, sequences)
     engine.train()
     metrics: dict[str, float] = {}
@@ -329,16 +336,19 @@ def rollout_step(run: RLVRRun, step: int) -> dict[str, float]:
 
 
 def evaluate(run: RLVRRun) -> float:
-    """Greedy verified accuracy on the held-out prompts (each rank a strided share)."""
+    """Verified accuracy on the held-out prompts (each rank a strided share): greedy, or pass@1
+    averaged over `eval_samples_per_prompt` samples at `eval_temperature`."""
+    algo = run.cfg.algo
     mine = run.eval_prompts[rank() :: world_size()]
-    correct = 0.0
+    correct, samples = 0.0, 0.0
     if mine:
-        greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=run.cfg.algo.eval_max_tokens)
-        completions = run.rollout.generate([p.prompt for p in mine], greedy)
+        n = algo.eval_samples_per_prompt if algo.eval_temperature > 0 else 1
+        sampling = SamplingConfig(n=n, temperature=algo.eval_temperature, max_tokens=algo.eval_max_tokens)
+        completions = run.rollout.generate([p.prompt for p in mine], sampling)
         rows = [{"verifier": mine[c.prompt_index].verifier, "ground_truth": mine[c.prompt_index].ground_truth} for c in completions]
         rewards, _ = score_batch(rows, [c.text for c in completions], [True] * len(completions), 1.0, 0.0, run.cfg.algo.verifier_timeout_s)
-        correct = float(sum(r >= 1.0 for r in rewards))
-    total_correct, total = all_reduce_sum([correct, float(len(mine))])
+        correct, samples = float(sum(r >= 1.0 for r in rewards)), float(len(completions))
+    total_correct, total = all_reduce_sum([correct, samples])
     return total_correct / max(total, 1.0)
 
 
