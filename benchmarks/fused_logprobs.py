@@ -1,0 +1,212 @@
+"""CPU benchmark of linear log-probs: naive path vs the fused kernel vs the GEMM floor.
+
+    python benchmarks/fused_logprobs.py                      # the full grid: N in {2048, 4096}, V in {32000, 128256}
+    python benchmarks/fused_logprobs.py --rows 2048 --vocab 32000 --repeats 5
+    python benchmarks/fused_logprobs.py --threads 1                 # single-threaded: CPU time = work
+
+Methods, all fp32, H = 512, outputs (logprobs [N], entropy [N]), loss = sum(g1 * logprobs + g2 * entropy)
+with fixed random g1, g2 so both gradient terms are exercised, gradients w.r.t. hidden and weight:
+- naive: `reference_linear_logprobs` (matmul -> log_softmax -> gather, entropy from the same log-probs),
+  autograd backward;
+- ours: `linear_logprobs(fused=True)` (the compiled kernel; the script fails if it is unavailable);
+- floor: the same GEMMs alone: logits = h @ W^T forward, then dW = G^T h and dh = G W with G = logits
+  standing in for the [N, V] logits gradient.
+
+Time: forward+backward wall-clock, minimum over --repeats after one warm-up, the three methods interleaved
+in one fresh subprocess per shape so background load hits them alike (the machine is shared: the load
+average is printed). The process CPU time (all threads) of the same runs is printed too; with
+--threads 1 it is the work itself, nearly insensitive to other processes competing for the cores.
+Peak extra memory: in a fresh subprocess per (shape, method), run with
+MALLOC_MMAP_THRESHOLD_=65536 so every allocation >= 64 KiB is its own mmap and is returned to the OS when
+freed; after one warm-up call the peak-RSS counter is reset (/proc/self/clear_refs) and the figure is
+VmHWM - VmRSS before the call: the largest amount of extra resident memory the forward+backward touched,
+including its outputs and gradients (dW alone is V*H*4 bytes, the same for every method). torch's CPU
+allocator has no peak statistic and tracemalloc does not see it, hence RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HIDDEN_SIZE = 512
+REPO_ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("naive", "ours", "floor")
+
+
+def make_inputs(rows: int, vocab: int, seed: int = 0):
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, HIDDEN_SIZE, generator=generator).requires_grad_()
+    weight = (torch.randn(vocab, HIDDEN_SIZE, generator=generator) / HIDDEN_SIZE**0.5).requires_grad_()
+    targets = torch.randint(0, vocab, (rows,), generator=generator)
+    grad_logprobs = torch.randn(rows, generator=generator)
+    grad_entropy = torch.randn(rows, generator=generator)
+    return hidden, weight, targets, grad_logprobs, grad_entropy
+
+
+def make_step(method: str, hidden, weight, targets, grad_logprobs, grad_entropy):
+    """A closure running one forward+backward of `method`; returns the forward-only closure too."""
+    import torch
+
+    from posttrain.ops import fused_kernel_available, linear_logprobs, reference_linear_logprobs
+
+    if method == "floor":
+
+        def forward():
+            return hidden.detach() @ weight.detach().t()
+
+        def step():
+            logits = forward()
+            logits.t() @ hidden.detach(), logits @ weight.detach()  # dW = G^T h, dh = G W
+
+        return step, forward
+    if method == "ours" and not fused_kernel_available():
+        raise RuntimeError("fused kernel unavailable: see the warning above")
+    function = linear_logprobs if method == "ours" else reference_linear_logprobs
+
+    def forward():
+        return function(hidden, weight, targets)
+
+    def step():
+        logprobs, entropy = forward()
+        loss = (logprobs * grad_logprobs + entropy * grad_entropy).sum()
+        torch.autograd.grad(loss, [hidden, weight])
+
+    return step, forward
+
+
+def time_shape(rows: int, vocab: int, repeats: int) -> dict:
+    """Min wall and CPU seconds of forward+backward ("step") and forward per method, methods interleaved."""
+    inputs = make_inputs(rows, vocab)
+    steps = {method: make_step(method, *inputs) for method in METHODS}
+    samples = {method: {"step": [], "forward": [], "step_cpu": []} for method in METHODS}
+    for repeat in range(repeats + 1):  # repeat 0 is the warm-up
+        for method, (step, forward) in steps.items():
+            wall_start, cpu_start = time.perf_counter(), time.process_time()
+            step()
+            wall_middle, cpu_middle = time.perf_counter(), time.process_time()
+            forward()
+            wall_end = time.perf_counter()
+            if repeat > 0:
+                samples[method]["step"].append(wall_middle - wall_start)
+                samples[method]["step_cpu"].append(cpu_middle - cpu_start)
+                samples[method]["forward"].append(wall_end - wall_middle)
+    return {method: {kind: min(values) for kind, values in kinds.items()} for method, kinds in samples.items()}
+
+
+def memory_kib(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+
+
+def measure_peak_extra(rows: int, vocab: int, method: str) -> dict:
+    """Peak extra resident bytes of forward+backward and of forward alone (see module docstring)."""
+    step, forward = make_step(method, *make_inputs(rows, vocab))
+    step()  # warm-up: thread pools, MKL buffers, lazy imports
+
+    def forward_discarding_outputs() -> None:
+        forward()
+
+    peaks = {}
+    for kind, function in (("step", step), ("forward", forward_discarding_outputs)):
+        baseline = memory_kib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        function()
+        peaks[kind] = (memory_kib("VmHWM") - baseline) * 1024
+    return peaks
+
+
+def run_in_subprocess(arguments: list[str], extra_env: dict[str, str] | None = None) -> dict:
+    env = {**os.environ, **(extra_env or {})}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    completed = subprocess.run(
+        [sys.executable, __file__, *arguments], env=env, capture_output=True, text=True, check=False
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"subprocess {arguments} failed:\n{completed.stderr[-4000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch threads in the measuring processes (default: torch's)")
+    parser.add_argument("--child", choices=["time", "memory"], help=argparse.SUPPRESS)
+    parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.child == "time":
+        print(json.dumps(time_shape(args.rows[0], args.vocab[0], args.repeats)))
+        return
+    if args.child == "memory":
+        print(json.dumps(measure_peak_extra(args.rows[0], args.vocab[0], args.method)))
+        return
+
+    import torch
+
+    threads = args.threads or torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads, H={HIDDEN_SIZE}, fp32, "
+          f"load average at start {os.getloadavg()[0]:.2f}", flush=True)
+    results = []
+    for rows in args.rows:
+        for vocab in args.vocab:
+            shape = ["--rows", str(rows), "--vocab", str(vocab)]
+            shape += ["--threads", str(args.threads)] if args.threads else []
+            times = run_in_subprocess(["--child", "time", "--repeats", str(args.repeats), *shape])
+            memory = {
+                method: run_in_subprocess(
+                    ["--child", "memory", "--method", method, *shape], {"MALLOC_MMAP_THRESHOLD_": "65536"}
+                )
+                for method in METHODS
+            }
+            results.append((rows, vocab, times, memory))
+            print(f"done N={rows} V={vocab} (load average {os.getloadavg()[0]:.2f})", flush=True)
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
+    print_tables(results)
+
+
+def print_tables(results) -> None:
+    gib = 1024**3
+    columns = f"{'N':>5} {'V':>7} | {'naive':>8} {'ours':>8} {'floor':>8} | {'ours/naive':>10} {'ours/floor':>10}"
+    for title, kind in (
+        ("forward+backward, wall seconds (min over repeats)", "step"),
+        ("forward+backward, CPU seconds of the process (all threads, min over repeats)", "step_cpu"),
+        ("forward only, wall seconds (min over repeats)", "forward"),
+    ):
+        print(f"\n{title}\n{columns}")
+        for rows, vocab, times, _ in results:
+            naive, ours, floor = (times[method][kind] for method in METHODS)
+            print(
+                f"{rows:>5} {vocab:>7} | {naive:>8.3f} {ours:>8.3f} {floor:>8.3f} | {ours / naive:>10.2f} "
+                f"{ours / floor:>10.2f}"
+            )
+    for title, kind in (("forward+backward", "step"), ("forward only", "forward")):
+        print(f"\npeak extra memory, {title}, GiB (RSS high-water over the pre-call RSS, incl. outputs and grads)")
+        print(f"{'N':>5} {'V':>7} | {'naive':>8} {'ours':>8} {'floor':>8} | {'ours/naive':>10}")
+        for rows, vocab, _, memory in results:
+            naive, ours, floor = (memory[method][kind] for method in METHODS)
+            print(
+                f"{rows:>5} {vocab:>7} | {naive / gib:>8.3f} {ours / gib:>8.3f} {floor / gib:>8.3f} | "
+                f"{ours / naive:>10.3f}"
+            )
+    print(
+        "\ntargets: ours/naive time <= 1, ours/floor time <= 1.5, ours/naive peak extra memory <= 0.125; "
+        f"grad_weight (V*H*4 bytes, {128256 * HIDDEN_SIZE * 4 / gib:.3f} GiB at V=128256) is in every method's figure"
+    )
+
+
+if __name__ == "__main__":
+    main()
