@@ -46,3 +46,19 @@ def tiny_model(tiny_tokenizer):
     from posttrain.models.loading import load_model
 
     return load_model(ModelConfig(), tiny_tokenizer, seed=0)
+
+
+# Steps of SFT on the default task that leave the tiny model part-way (held-out accuracy ~50%), so
+# the DPO and RLVR integration tests have room to show improvement.
+PARTIAL_SFT_STEPS = 330
+
+
+@pytest.fixture(scope="session")
+def partial_sft_model(tmp_path_factory):
+    """final/ of a tiny-model SFT run stopped part-way on the default arithmetic task."""
+    from posttrain.trainers import sft
+
+    run_dir = tmp_path_factory.mktemp("partial_sft")
+    cfg = compose_config([f"run_dir={run_dir}", "train.epochs=2", f"train.max_steps={PARTIAL_SFT_STEPS}",
+                          "logger.progress_bar=false", "data.num_eval=0"])
+    return sft.main(cfg) / "final"

@@ -9,12 +9,14 @@ Prompts are left-padded into batches of `hf_batch_size` x n rows.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from posttrain.engine.distributed import rank
 from posttrain.errors import ConfigError
 from posttrain.models.loading import torch_dtype
 from posttrain.rollout.completion import Completion
@@ -87,17 +89,38 @@ class HFBackend:
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.max_model_len = cfg.max_model_len
+        with torch.random.fork_rng(devices=self._cuda_devices()):
+            torch.manual_seed(cfg.seed + rank())
+            self._own_rng_states = self._rng_states()
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
         rows = [(index, sample, ids) for index, ids in enumerate(prompt_token_ids) for sample in range(sampling.n)]
         size = self.cfg.hf_batch_size * sampling.n
         completions = []
-        with torch.random.fork_rng(devices=[self.model.device] if self.model.device.type == "cuda" else []):
-            if sampling.seed is not None:
-                torch.manual_seed(sampling.seed)
+        with self._random_stream(sampling.seed):
             for start in range(0, len(rows), size):
                 completions.extend(self._generate_rows(rows[start : start + size], sampling))
         return completions
+
+    def _cuda_devices(self) -> list:
+        return [self.model.device] if self.model.device.type == "cuda" else []
+
+    def _rng_states(self) -> list[torch.Tensor]:
+        return [torch.get_rng_state(), *(torch.cuda.get_rng_state(device) for device in self._cuda_devices())]
+
+    @contextlib.contextmanager
+    def _random_stream(self, seed: int | None):
+        """Sample from `seed`, or else from the backend's own stream (rollout.seed + rank), never the trainer's."""
+        with torch.random.fork_rng(devices=self._cuda_devices()):
+            if seed is not None:
+                torch.manual_seed(seed)
+            else:
+                torch.set_rng_state(self._own_rng_states[0])
+                for device, state in zip(self._cuda_devices(), self._own_rng_states[1:]):
+                    torch.cuda.set_rng_state(state, device)
+            yield
+            if seed is None:
+                self._own_rng_states = self._rng_states()
 
     def stop_token_ids(self, sampling: SamplingConfig) -> list[int]:
         eos = [] if sampling.ignore_eos or self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
@@ -108,12 +131,13 @@ class HFBackend:
         input_ids, attention_mask = left_pad([ids for _, _, ids in rows], self.tokenizer.pad_token_id, self.model.device)
         processors, recorder = sampling_processors(sampling, self.cfg.logprobs_mode)
         stop_ids = self.stop_token_ids(sampling)
+        do_sample = sampling.temperature > 0
+        # transformers' own warpers stay neutral (ours are in `processors`); set only when sampling, as it asks.
+        neutral_warpers = dict(temperature=1.0, top_k=0, top_p=1.0) if do_sample else {}
         config = GenerationConfig(
             max_new_tokens=sampling.max_tokens,
-            do_sample=sampling.temperature > 0,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
+            do_sample=do_sample,
+            **neutral_warpers,
             eos_token_id=stop_ids or None,
             pad_token_id=self.tokenizer.pad_token_id,
             stop_strings=list(sampling.stop) or None,
@@ -134,12 +158,15 @@ class HFBackend:
         ]
 
     def _completion(self, prompt_index, sample, prompt_ids, tokens, logprobs, stop_ids, stop_strings) -> Completion:
-        length, stopped = finish_point(tokens, set(stop_ids), list(stop_strings), self._text)
-        text = self._text(tokens[:length])
+        length, stopped_by = finish_point(tokens, set(stop_ids), list(stop_strings), self._text)
+        # As vLLM: a stop token is kept in token_ids but not in the text; text is cut before a stop string.
+        text = self._text(tokens[: length - 1] if stopped_by == "token" else tokens[:length])
         matches = [text.find(stop) for stop in stop_strings if stop in text]
-        if matches:
+        if stopped_by == "string" and matches:
             text = text[: min(matches)]
-        reason = "stop" if stopped else "length"
+        # vLLM's incremental detokenizer never emits a trailing incomplete UTF-8 sequence; match it.
+        text = text.rstrip("\ufffd")
+        reason = "stop" if stopped_by else "length"
         return Completion(prompt_index, sample, list(prompt_ids), tokens[:length], text, logprobs[:length], reason)
 
     def _text(self, tokens: list[int]) -> str:
@@ -166,8 +193,9 @@ class HFBackend:
         """Nothing to restore."""
 
 
-def finish_point(tokens: list[int], stop_ids: set[int], stop_strings: list[str], decode) -> tuple[int, bool]:
-    """(tokens kept, stopped): through the first stop token id or the token completing the first stop string.
+def finish_point(tokens: list[int], stop_ids: set[int], stop_strings: list[str], decode) -> tuple[int, str | None]:
+    """(tokens kept, what stopped the row: "token", "string" or None): through the first stop token id
+    or the token completing the first stop string, whichever comes first.
 
     A row that never stopped ran to max_tokens: transformers only pads a row after it stopped.
     """
@@ -181,8 +209,8 @@ def finish_point(tokens: list[int], stop_ids: set[int], stop_strings: list[str],
                 high = middle
             else:
                 low = middle + 1
-        return low, True
-    return (end, True) if end else (len(tokens), False)
+        return low, "string"
+    return (end, "token") if end else (len(tokens), None)
 
 
 def build_hf_backend(cfg: RolloutConfig, model_dir: str | Path, tokenizer) -> HFBackend:

@@ -8,9 +8,14 @@ checkpoint-format (transformers-named) tensors through the model's own `load_wei
 layer-wise reload, which re-runs the CPU weight repacking; the prefix cache is reset afterwards so
 no KV computed with the old weights is reused.
 
-Under torchrun every rank builds its own engine (all ranks together: start-up is a collective) with
-vLLM's `external_launcher` executor, which joins the trainer's torch.distributed world instead of
-starting one; each rank then generates for its own prompts with tensor_parallel_size=1.
+Distributed: the engine joins posttrain's torch.distributed world (started first if needed). Under
+torchrun every rank builds its own engine, all ranks together (start-up is a collective), with vLLM's
+`external_launcher` executor; each rank then generates for its own prompts (tensor_parallel_size=1).
+
+Start-up side effects on the trainer's process are undone: vLLM reseeds the global RNGs and its CPU
+worker disables `torch.set_num_threads`. dtype "auto" means the dtype saved with the model, because
+vLLM's own "auto" runs float32 checkpoints in bfloat16 on CPU. On GPUs with rollout.enable_sleep_mode,
+`sleep` frees the engine's memory between rollouts; a sync wakes the weights only, generate the rest.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from posttrain.engine.distributed import rank, world_size
+from posttrain.engine.distributed import init_distributed, rank, world_size
 from posttrain.errors import ConfigError
 from posttrain.rollout.completion import Completion
 from posttrain.rollout.config import RolloutConfig, SamplingConfig
@@ -37,21 +42,35 @@ CPU_MIN_HEAD_DIM = 32  # vLLM's CPU attention kernels reject smaller heads ("Uns
 DEFAULT_CPU_KV_CACHE_GIB = 1.0
 
 
-def check_cpu_head_dim(model_dir: str) -> None:
-    """Fail early, naming the cause, when vLLM's CPU attention cannot run the model in `model_dir`."""
+def read_model_config(model_dir: str):
+    """The transformers config in `model_dir` (a directory or hub name), or a ConfigError."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(model_dir)
+        return AutoConfig.from_pretrained(model_dir)
     except Exception as error:  # a missing dir, no config.json, an unreachable hub name
         raise ConfigError(f"rollout: cannot read the model config in {model_dir}: {error}") from error
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def check_cpu_head_dim(model_config, model_dir: str) -> None:
+    """Fail early, naming the cause, when vLLM's CPU attention cannot run this model."""
+    text_config = model_config.get_text_config()
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
     if head_dim < CPU_MIN_HEAD_DIM:
         raise ConfigError(
             f"rollout: {model_dir} has head_dim {head_dim}; vLLM's CPU attention needs head_dim >= "
             f"{CPU_MIN_HEAD_DIM} (use fewer, wider heads, e.g. model.tiny.num_heads) or set rollout=hf"
         )
+
+
+def resolve_dtype(dtype: str, model_config) -> str:
+    """`dtype`, or for "auto" the dtype saved with the model (vLLM's own "auto" casts float32 to bfloat16 on CPU)."""
+    if dtype != "auto":
+        return dtype
+    saved = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
+    if saved is None:
+        return "auto"
+    return str(saved).removeprefix("torch.")
 
 
 def prepare_environment() -> None:
@@ -74,8 +93,8 @@ def kv_cache_bytes(cfg: RolloutConfig, on_gpu: bool) -> int | None:
     return int((cfg.kv_cache_gib if cfg.kv_cache_gib is not None else DEFAULT_CPU_KV_CACHE_GIB) * GIB)
 
 
-def engine_kwargs(cfg: RolloutConfig, model_dir: str, on_gpu: bool, num_ranks: int, this_rank: int) -> dict:
-    """Keyword arguments of `vllm.LLM` for `cfg` (engine_kwargs last, so they override)."""
+def engine_kwargs(cfg: RolloutConfig, model_dir: str, dtype: str, on_gpu: bool, num_ranks: int, this_rank: int) -> dict:
+    """Keyword arguments of `vllm.LLM` for `cfg` (`dtype` resolved; `cfg.engine_kwargs` last, so they override)."""
     if num_ranks > 1 and cfg.tensor_parallel_size != 1:
         raise ConfigError(
             f"rollout.tensor_parallel_size={cfg.tensor_parallel_size} under torchrun: each rank owns one "
@@ -83,7 +102,7 @@ def engine_kwargs(cfg: RolloutConfig, model_dir: str, on_gpu: bool, num_ranks: i
         )
     kwargs = dict(
         model=model_dir,
-        dtype=cfg.dtype,
+        dtype=dtype,
         max_model_len=cfg.max_model_len,
         seed=cfg.seed + this_rank,
         enforce_eager=cfg.enforce_eager,
@@ -104,31 +123,60 @@ def engine_kwargs(cfg: RolloutConfig, model_dir: str, on_gpu: bool, num_ranks: i
 
 
 @contextlib.contextmanager
-def preserved_rng_state():
-    """vLLM seeds Python's, NumPy's and torch's global RNGs; keep the trainer's streams as they were."""
+def preserved_process_state():
+    """Keep the trainer's RNG streams and torch thread count as they were before vLLM started.
+
+    vLLM seeds Python's, NumPy's and torch's global RNGs, and its CPU worker replaces
+    `torch.set_num_threads` with a no-op that warns; both are undone here.
+    """
     python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        yield
-    random.setstate(python_state)
-    np.random.set_state(numpy_state)
+    set_num_threads, num_threads = torch.set_num_threads, torch.get_num_threads()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.set_num_threads = set_num_threads
+        torch.set_num_threads(num_threads)
 
 
 def start_engine(cfg: RolloutConfig, model_dir: str):
     """A `vllm.LLM` for `model_dir`, or a ConfigError saying why it could not start."""
     on_gpu = torch.cuda.is_available()
+    model_config = read_model_config(model_dir)
     if not on_gpu:
-        check_cpu_head_dim(model_dir)
+        check_cpu_head_dim(model_config, model_dir)
     prepare_environment()
     try:
         from vllm import LLM
     except Exception as error:
         raise ConfigError(f"rollout=vllm needs vLLM ({error}); install posttrain[cpu] / posttrain[gpu] or set rollout=hf") from error
-    kwargs = engine_kwargs(cfg, model_dir, on_gpu, world_size(), rank())
-    with preserved_rng_state():
+    # vLLM joins an existing torch.distributed world; start posttrain's first so DeepSpeed finds its
+    # environment (LOCAL_RANK, ...) later, whichever of the two is built first.
+    init_distributed()
+    dtype = resolve_dtype(cfg.dtype, model_config)
+    kwargs = engine_kwargs(cfg, model_dir, dtype, on_gpu, world_size(), rank())
+    with preserved_process_state():
         try:
             return LLM(**kwargs)
         except Exception as error:
-            raise ConfigError(f"rollout: vLLM could not start an engine for {model_dir}: {type(error).__name__}: {error}") from error
+            cause = " ".join(str(error).split())  # one line: user errors print without a traceback
+            raise ConfigError(f"rollout: vLLM could not start an engine for {model_dir}: {type(error).__name__}: {cause}") from error
+
+
+class _RotaryReloadNotice(logging.Filter):
+    """Drops vLLM's per-sync "RotaryEmbedding: Failed to load weights": its cos/sin cache is derived,
+    not a checkpoint weight, and vLLM keeps it as it was, which is right; the line would repeat every step."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("RotaryEmbedding: Failed to load weights")
+
+
+def quiet_rotary_reload_notice() -> None:
+    layerwise_logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(existing, _RotaryReloadNotice) for existing in layerwise_logger.filters):
+        layerwise_logger.addFilter(_RotaryReloadNotice())
 
 
 class VLLMBackend:
@@ -211,4 +259,6 @@ class VLLMBackend:
 
 def build_vllm_backend(cfg: RolloutConfig, model_dir: str | Path, tokenizer) -> VLLMBackend:
     """Start the engine on `model_dir` (the tokenizer is used by the service; vLLM reads the dir's own for text)."""
-    return VLLMBackend(start_engine(cfg, str(model_dir)), cfg)
+    backend = VLLMBackend(start_engine(cfg, str(model_dir)), cfg)
+    quiet_rotary_reload_notice()
+    return backend

@@ -1,0 +1,97 @@
+"""The vLLM backend's logic without starting an engine: engine arguments, dtype, the CPU head_dim
+check, and GPU sleep / wake bookkeeping (on a recording stand-in for `vllm.LLM`)."""
+
+import pytest
+import torch
+
+from posttrain.errors import ConfigError
+from posttrain.rollout.config import RolloutConfig
+from posttrain.rollout.vllm_backend import VLLMBackend, engine_kwargs, resolve_dtype, start_engine
+
+
+def test_engine_kwargs_single_process_and_torchrun(monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    cfg = RolloutConfig(kv_cache_gib=0.5, seed=3, engine_kwargs={"max_num_batched_tokens": 4096})
+    single = engine_kwargs(cfg, "/m", "float32", on_gpu=False, num_ranks=1, this_rank=0)
+    assert single["kv_cache_memory_bytes"] == 1 << 29 and single["seed"] == 3 and single["dtype"] == "float32"
+    assert "distributed_executor_backend" not in single and single["max_num_batched_tokens"] == 4096
+    assert single["enable_sleep_mode"] is False and single["logprobs_mode"] == "processed_logprobs"
+    rank1 = engine_kwargs(cfg, "/m", "float32", on_gpu=False, num_ranks=2, this_rank=1)
+    assert rank1["distributed_executor_backend"] == "external_launcher" and rank1["seed"] == 4
+    gpu = engine_kwargs(RolloutConfig(enable_sleep_mode=True), "/m", "bfloat16", on_gpu=True, num_ranks=1, this_rank=0)
+    assert gpu["enable_sleep_mode"] is True and "kv_cache_memory_bytes" not in gpu
+    with pytest.raises(ConfigError, match="tensor_parallel_size=2 under torchrun"):
+        engine_kwargs(RolloutConfig(tensor_parallel_size=2), "/m", "bfloat16", on_gpu=True, num_ranks=2, this_rank=0)
+
+
+def test_cpu_kv_cache_env_wins(monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
+    assert "kv_cache_memory_bytes" not in engine_kwargs(RolloutConfig(), "/m", "float32", False, 1, 0)
+
+
+def test_auto_dtype_is_the_saved_dtype():
+    from transformers import LlamaConfig
+
+    assert resolve_dtype("auto", LlamaConfig(dtype="float32")) == "float32"
+    assert resolve_dtype("bfloat16", LlamaConfig(dtype="float32")) == "bfloat16"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the head_dim limit is vLLM's CPU attention's")
+def test_small_heads_fail_before_vllm_starts(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=4).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="head_dim 16; vLLM's CPU attention needs head_dim >= 32"):
+        start_engine(RolloutConfig(), str(tmp_path))
+
+
+def test_missing_model_dir_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read the model config"):
+        start_engine(RolloutConfig(), str(tmp_path / "nowhere"))
+
+
+class RecordingLLM:
+    """Records the calls VLLMBackend makes on `vllm.LLM` (sleep mode needs a GPU, so it cannot run here)."""
+
+    def __init__(self, enable_sleep_mode: bool):
+        model_config = type("ModelConfig", (), {"max_model_len": 64, "enable_sleep_mode": enable_sleep_mode})
+        self.llm_engine = type("Engine", (), {"model_config": model_config})
+        self.calls = []
+
+    def sleep(self, level):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tuple(tags)))
+
+    def collective_rpc(self, method, kwargs):
+        self.calls.append((method, len(list(kwargs["weights_iterator"]))))
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache",))
+        return True
+
+
+def test_sleep_then_sync_wakes_weights_first_and_kv_cache_at_generate():
+    llm = RecordingLLM(enable_sleep_mode=True)
+    backend = VLLMBackend(llm, RolloutConfig(enable_sleep_mode=True, sleep_level=2))
+    backend.sleep()
+    backend.sleep()  # already asleep: no second call
+    backend.load_weights(iter([("w", torch.zeros(1))]))
+    backend.wake_up()
+    backend.wake_up()  # already awake
+    assert llm.calls == [
+        ("sleep", 2),
+        ("wake_up", ("weights",)),
+        ("reload_weights", 1),
+        ("reset_prefix_cache",),
+        ("wake_up", ("kv_cache",)),
+    ]
+
+
+def test_sleep_is_a_no_op_without_sleep_mode():
+    llm = RecordingLLM(enable_sleep_mode=False)
+    backend = VLLMBackend(llm, RolloutConfig())
+    backend.sleep()
+    backend.wake_up()
+    assert llm.calls == []
