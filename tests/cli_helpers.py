@@ -1,4 +1,7 @@
-"""Run the `posttrain` command in a subprocess, as a user would."""
+"""Compose posttrain configs and run the `posttrain` command in a subprocess, as a user would.
+
+(Not in conftest.py: test folders have their own conftest.py, so `import conftest` is ambiguous.)
+"""
 
 import os
 import subprocess
@@ -22,3 +25,15 @@ def posttrain_command(*overrides) -> list[str]:
 
 def run_posttrain(*overrides, cwd=None, timeout=600) -> subprocess.CompletedProcess:
     return subprocess.run(posttrain_command(*overrides), cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def compose_config(overrides: list[str]):
+    """The composed posttrain config for `overrides` (as the CLI would build it)."""
+    from hydra import compose, initialize_config_dir
+
+    from posttrain.cli import CONF_DIR
+    from posttrain.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        return compose("config", overrides=overrides)

@@ -11,18 +11,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import pytest  # noqa: E402
 
-from posttrain.cli import CONF_DIR  # noqa: E402
-
-
-def compose_config(overrides: list[str]):
-    """The composed posttrain config for `overrides` (as the CLI would build it)."""
-    from hydra import compose, initialize_config_dir
-
-    from posttrain.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(str(CONF_DIR), version_base=None):
-        return compose("config", overrides=overrides)
+from cli_helpers import compose_config  # noqa: E402,F401  (kept importable from conftest for fixtures)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from cli_helpers import run_posttrain
-from conftest import compose_config
+from cli_helpers import compose_config
 from posttrain.cli import CONF_DIR, run
 
 FAST = ["data.num_train=64", "data.num_eval=8", "logger.progress_bar=false", "train.max_steps=2"]

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import compose_config
+from cli_helpers import compose_config
 from posttrain.logging import read_metrics
 from posttrain.trainers import sft
 
