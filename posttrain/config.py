@@ -154,6 +154,9 @@ class DPOAlgoConfig:
     beta: float = 0.1
     label_smoothing: float = 0.0
     loss_kwargs: dict[str, Any] = field(default_factory=dict)  # loss-specific, e.g. {gamma_beta_ratio: 0.3} for simpo
+    # RPO (Pang et al. 2024): + nll_alpha * the chosen response's length-normalised NLL, which keeps the
+    # chosen likelihood from falling with the rejected one; 0 = the plain loss (TRL's rpo_alpha)
+    nll_alpha: float = 0.0
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
 

@@ -92,6 +92,14 @@ def _reward_metrics(loss: torch.Tensor, chosen_rewards: torch.Tensor, rejected_r
     }
 
 
+def chosen_nll(policy_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor | None) -> torch.Tensor:
+    """The RPO term (Pang et al. 2024, "Iterative Reasoning Preference Optimization"): the chosen responses'
+    negative log-likelihood per token, -mean_pairs(logp_c / |c|). A trainer adds alpha times it to any loss
+    of the family, so that the chosen likelihood cannot fall together with the rejected one."""
+    _check_pair_inputs("chosen_nll", policy_chosen_logps=policy_chosen_logps, chosen_lengths=chosen_lengths)
+    return -_average("chosen_nll", policy_chosen_logps, chosen_lengths, "chosen_lengths").mean()
+
+
 @register_loss("dpo")
 def dpo(
     policy_chosen_logps: torch.Tensor,

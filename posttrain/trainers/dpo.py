@@ -30,6 +30,7 @@ from posttrain.engine.reference import (
 )
 from posttrain.logging import MetricsLogger
 from posttrain.losses import get_loss
+from posttrain.losses.dpo import chosen_nll
 from posttrain.models.loading import load_model
 from posttrain.models.logprob_model import CausalLMWithLogprobs
 from posttrain.models.lora import wrap_lora
@@ -41,7 +42,8 @@ from posttrain.training import (
 log = logging.getLogger("posttrain")
 
 REFERENCE_FREE_LOSSES = frozenset({"simpo"})
-STEP_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy")
+STEP_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
+                "logps/rejected", "nll")
 
 
 @dataclass
@@ -163,9 +165,18 @@ def pair_inputs(run: DPORun, split: str, indices: list[int]):
 
 
 def family_loss(run: DPORun, inputs: tuple):
-    """The loss `algo.loss` with its hyperparameters; returns (loss, metrics)."""
+    """The loss `algo.loss` with its hyperparameters, plus `algo.nll_alpha` times the chosen NLL (RPO);
+    returns (loss, metrics). `logps/chosen` and `logps/rejected` are the policy's per-token log-probs: when
+    both fall, the policy is moving mass off both responses (to text neither of them is)."""
     algo = run.cfg.algo
-    return get_loss(algo.loss)(*inputs, beta=algo.beta, label_smoothing=algo.label_smoothing, **dict(algo.loss_kwargs))
+    loss, metrics = get_loss(algo.loss)(*inputs, beta=algo.beta, label_smoothing=algo.label_smoothing, **dict(algo.loss_kwargs))
+    nll = chosen_nll(inputs[0], inputs[4])
+    if algo.nll_alpha:
+        loss = loss + algo.nll_alpha * nll
+        metrics["loss"] = loss.detach()
+    metrics.update({"nll": nll.detach(), "logps/chosen": (inputs[0] / inputs[4]).detach().mean(),
+                    "logps/rejected": (inputs[1] / inputs[5]).detach().mean()})
+    return loss, metrics
 
 
 def train_step(run: DPORun, step: int) -> dict[str, float]:

@@ -34,7 +34,7 @@ from posttrain.data.sources import load_rows
 from posttrain.engine import backend
 from posttrain.engine.checkpoint import load_checkpoint, save_checkpoint
 from posttrain.engine.distributed import all_reduce_sum, init_distributed, rank, world_size
-from posttrain.engine.export import export_hf
+from posttrain.engine.export import export_hf, rollout_model_dir
 from posttrain.errors import ConfigError
 from posttrain.logging import MetricsLogger
 from posttrain.losses import get_loss
@@ -144,15 +144,6 @@ def load_scorer(cfg) -> PreferenceScorer:
     model.requires_grad_(False)
     tau = cfg.algo.tau if cfg.algo.tau is not None else model.head_config.tau
     return PreferenceScorer(model, tokenizer, tau, cfg.algo.scoring_batch_size)
-
-
-def rollout_model_dir(cfg, run_dir: Path, policy, tokenizer) -> str:
-    """Where the rollout engine loads its first weights: `model.path`, else the initial policy exported."""
-    if cfg.model.path:
-        return cfg.model.path
-    init_dir = run_dir / "rollout_init"
-    export_hf(policy, tokenizer, init_dir, cfg.deepspeed.zero_stage)
-    return str(init_dir)
 
 
 def setup(cfg) -> GPORun:

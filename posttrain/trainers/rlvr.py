@@ -22,7 +22,7 @@ from posttrain.data.sources import load_rows
 from posttrain.engine import backend
 from posttrain.engine.checkpoint import load_checkpoint, save_checkpoint
 from posttrain.engine.distributed import all_reduce_sum, init_distributed, rank, world_size
-from posttrain.engine.export import export_hf, hf_state_dict
+from posttrain.engine.export import export_hf, hf_state_dict, rollout_model_dir
 from posttrain.engine.reference import frozen_model
 from posttrain.errors import ConfigError
 from posttrain.logging import MetricsLogger
@@ -83,15 +83,6 @@ def build_reference(cfg, tokenizer, module: CausalLMWithLogprobs):
     model = load_model(cfg.model, tokenizer, cfg.seed)
     return frozen_model(CausalLMWithLogprobs(model, cfg.model.fused_logprobs, cfg.deepspeed.zero_stage),
                         cfg.deepspeed.zero_stage, cfg.model.dtype)
-
-
-def rollout_model_dir(cfg, run_dir: Path, policy, tokenizer) -> str:
-    """Where the rollout engine loads its first weights: `model.path`, else the initial policy exported."""
-    if cfg.model.path:
-        return cfg.model.path
-    init_dir = run_dir / "rollout_init"
-    export_hf(policy, tokenizer, init_dir, cfg.deepspeed.zero_stage)
-    return str(init_dir)
 
 
 def setup(cfg) -> RLVRRun:

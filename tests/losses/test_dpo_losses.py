@@ -7,7 +7,7 @@ import torch
 
 from posttrain.errors import ConfigError
 from posttrain.losses import LOSSES, get_loss
-from posttrain.losses.dpo import dpo, dpo_norm, hinge, ipo, simpo, wpo
+from posttrain.losses.dpo import chosen_nll, dpo, dpo_norm, hinge, ipo, simpo, wpo
 
 DPO_FAMILY = ["dpo", "dpo_norm", "simpo", "ipo", "hinge", "wpo"]
 REWARD_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy"}
@@ -212,3 +212,19 @@ def test_length_normalised_losses_need_positive_lengths(name):
     len_c[0] = 0
     with pytest.raises(ValueError, match="must be > 0"):
         get_loss(name)(policy_c, policy_r, reference_c, reference_r, len_c, len_r, beta=0.1)
+
+
+def test_chosen_nll_hand_value_and_gradient():
+    """logp_c = [-2, -6] over [2, 3] tokens: per-token -1 and -2, NLL = 1.5; d NLL / d logp_c_i = -1 / (B |c_i|)."""
+    logps = t(-2.0, -6.0, requires_grad=True)
+    nll = chosen_nll(logps, torch.tensor([2, 3]))
+    assert nll.item() == pytest.approx(1.5)
+    nll.backward()
+    assert logps.grad.tolist() == pytest.approx([-1 / 4, -1 / 6])
+
+
+def test_chosen_nll_needs_positive_lengths_and_per_sequence_values():
+    with pytest.raises(ValueError, match="chosen_lengths must be > 0"):
+        chosen_nll(t(-2.0), torch.tensor([0]))
+    with pytest.raises(ValueError, match="expected per-sequence values"):
+        chosen_nll(torch.zeros(2, 3), torch.tensor([1, 1]))

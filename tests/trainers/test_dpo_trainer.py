@@ -10,7 +10,8 @@ from posttrain.trainers import dpo, sft
 
 FAST = ["algo=dpo", "data=arithmetic_preference", "data.num_train=48", "data.num_eval=16", "logger.progress_bar=false",
         "train.micro_batch_size=8", "train.max_steps=3", "optim.lr=1e-2", "optim.warmup_ratio=0", "algo.reference.micro_batch_size=5"]
-STEP_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "lr", "grad_norm", "tokens_per_second")
+STEP_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected",
+             "nll", "lr", "grad_norm", "tokens_per_second")
 
 
 def run_dpo(run_dir, cache_dir, *overrides):
@@ -129,6 +130,30 @@ def test_every_family_loss_trains_and_logs_the_reward_metrics(tmp_path, loss):
     assert all(isinstance(steps[-1][key], float) for key in STEP_KEYS)
     assert metrics[0]["step"] == 0 and metrics[0]["eval_accuracy"] == 0.5  # policy = reference: all ties
     assert (run_dir / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("loss", ["dpo", "simpo"])
+def test_nll_alpha_adds_the_chosen_nll_to_any_family_loss(loss):
+    """RPO: loss = family loss + alpha * chosen NLL; the family's reward metrics are unchanged."""
+    from types import SimpleNamespace
+
+    from posttrain.losses.dpo import chosen_nll
+
+    inputs = (torch.tensor([-4.0, -9.0]), torch.tensor([-6.0, -8.0]), torch.tensor([-5.0, -9.5]),
+              torch.tensor([-5.5, -7.0]), torch.tensor([2, 3]), torch.tensor([3, 2]))
+
+    def loss_with(alpha):
+        algo = SimpleNamespace(loss=loss, beta=2.0, label_smoothing=0.0, loss_kwargs={}, nll_alpha=alpha)
+        return dpo.family_loss(SimpleNamespace(cfg=SimpleNamespace(algo=algo)), inputs)
+
+    (plain, plain_metrics), (rpo, rpo_metrics) = loss_with(0.0), loss_with(0.5)
+    nll = chosen_nll(inputs[0], inputs[4])
+    assert nll.item() == pytest.approx((2.0 + 3.0) / 2)
+    assert rpo.item() == pytest.approx(plain.item() + 0.5 * nll.item())
+    assert rpo_metrics["loss"].item() == pytest.approx(rpo.item())
+    assert rpo_metrics["rewards/margin"] == plain_metrics["rewards/margin"]
+    assert rpo_metrics["logps/chosen"].item() == pytest.approx(-2.5)
+    assert rpo_metrics["logps/rejected"].item() == pytest.approx((-2.0 - 4.0) / 2)
 
 
 def test_unknown_loss_fails_before_anything_is_written(tmp_path):
