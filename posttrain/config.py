@@ -157,6 +157,9 @@ class DPOAlgoConfig:
     # RPO (Pang et al. 2024): + nll_alpha * the chosen response's length-normalised NLL, which keeps the
     # chosen likelihood from falling with the rejected one; 0 = the plain loss (TRL's rpo_alpha)
     nll_alpha: float = 0.0
+    # Step-DPO (Lai et al. 2024): score only the first step where chosen and rejected differ, a step ending
+    # with this text ("\n": one line); null scores the whole responses
+    step_separator: Optional[str] = None
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
 

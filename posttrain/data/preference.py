@@ -167,6 +167,45 @@ def build_preference_examples(rows: list[SourceRow], tokenizer, data_cfg, split:
     return examples, skipped
 
 
+def separator_tokens(tokenizer, separator: str) -> frozenset[int]:
+    """Ids of every token whose text contains `separator` (e.g. "\n": the tokens that end a step). A shell
+    passes `algo.step_separator="\n"` as a backslash and an n; they are read as the newline meant."""
+    separator = separator.replace("\\n", "\n").replace("\\t", "\t")
+    if not separator:
+        raise DataError("the step separator is empty; set it to the text that ends a step, e.g. '\\n'")
+    found = frozenset(token_id for token_id in range(len(tokenizer)) if separator in tokenizer.decode([token_id]))
+    if not found:
+        raise DataError(f"no token of the tokenizer contains the step separator {separator!r}; pick one the tokenizer can emit")
+    return found
+
+
+def first_divergent_step(pair: PreferenceExample, separators: frozenset[int]) -> PreferenceExample:
+    """Step-DPO (Lai et al. 2024): the pair cut down to the first step where chosen and rejected differ.
+
+    A step ends with a token in `separators` (a line ends with a newline token), or at the response's end.
+    Both sequences keep the shared context up to that step (prompt and the identical earlier steps, no
+    labels) and their own version of the step (labels); what follows is dropped. A sequence-level loss
+    then compares the first wrong step with the right one, instead of pushing down every token after the
+    mistake, most of which (the later steps, correctly worked from the wrong one) are not mistakes at all.
+    """
+    chosen, rejected = pair.chosen, pair.rejected
+    first = pair.prompt_length
+    while first < min(len(chosen.input_ids), len(rejected.input_ids)) and chosen.input_ids[first] == rejected.input_ids[first]:
+        first += 1
+    step_start = pair.prompt_length
+    for position in range(first - 1, pair.prompt_length - 1, -1):
+        if chosen.input_ids[position] in separators:
+            step_start = position + 1
+            break
+
+    def cut(sequence: TokenizedExample) -> TokenizedExample:
+        ids = sequence.input_ids
+        end = next((i + 1 for i in range(first, len(ids)) if ids[i] in separators), len(ids))
+        return TokenizedExample(ids[:end], [IGNORE_INDEX] * step_start + sequence.labels[step_start:end])
+
+    return PreferenceExample(cut(chosen), cut(rejected), pair.prompt_length)
+
+
 def preference_texts(rows: list[SourceRow]) -> list[str]:
     """Message contents of every row in either format (tokenizer training text for the tiny model)."""
     texts = []

@@ -19,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from posttrain.data.batching import StepPlan
-from posttrain.data.preference import PreferenceExample, collate_pairs
+from posttrain.data.preference import PreferenceExample, collate_pairs, first_divergent_step, separator_tokens
 from posttrain.engine import backend
 from posttrain.engine.checkpoint import load_checkpoint, save_checkpoint
 from posttrain.engine.distributed import all_reduce_sum, init_distributed, rank, world_size
@@ -128,6 +128,10 @@ def setup(cfg) -> DPORun:
     run_dir = Path(cfg.run_dir)
     checkpoint = resume_point(run_dir, cfg.resume)
     tokenizer, train_examples, eval_examples = load_preference_data(cfg, run_dir)
+    if cfg.algo.step_separator is not None:
+        separators = separator_tokens(tokenizer, cfg.algo.step_separator)
+        train_examples = [first_divergent_step(pair, separators) for pair in train_examples]
+        eval_examples = [first_divergent_step(pair, separators) for pair in eval_examples]
 
     write_config(run_dir, cfg)
     if not cfg.model.path and rank() == 0 and not (run_dir / "tokenizer").exists():

@@ -7,7 +7,10 @@ import torch
 
 from posttrain.config import DataConfig
 from posttrain.data.chat import IGNORE_INDEX, render_ids
-from posttrain.data.preference import build_preference_examples, collate_pairs, sequence_logprob_sums
+from posttrain.data.chat import TokenizedExample
+from posttrain.data.preference import (
+    PreferenceExample, build_preference_examples, collate_pairs, first_divergent_step, separator_tokens, sequence_logprob_sums,
+)
 from posttrain.data.sources import SourceRow, read_file
 from posttrain.errors import DataError
 
@@ -158,3 +161,45 @@ def test_cyclic_preference_pairs_form_cycles_on_disjoint_prompts():
         moves = CYCLIC_GAMES[group[0]["subset"]]
         beats = {(next(m for m in moves if m in r["chosen"][0]["content"]), next(m for m in moves if m in r["rejected"][0]["content"])) for r in group}
         assert beats == {(moves[0], moves[1]), (moves[1], moves[2]), (moves[2], moves[0])}  # A > B > C > A
+
+
+def _pair(prompt, chosen, rejected):
+    def sequence(response):
+        return TokenizedExample(prompt + response, [IGNORE_INDEX] * len(prompt) + response)
+
+    return PreferenceExample(sequence(chosen), sequence(rejected), len(prompt))
+
+
+@pytest.mark.parametrize("chosen, rejected, chosen_kept, rejected_kept, context", [
+    # the second line differs: the shared first line is context, the third line is dropped
+    ([5, 6, 10, 7, 8, 10, 9, 11], [5, 6, 10, 7, 3, 10, 4, 11], [7, 8, 10], [7, 3, 10], [5, 6, 10]),
+    # the first line differs: no shared step, nothing labelled before it
+    ([5, 6, 10, 9, 11], [5, 2, 10, 9, 11], [5, 6, 10], [5, 2, 10], []),
+    # the last line differs: its step runs to the end of the response (the end-of-turn token)
+    ([5, 10, 9, 11], [5, 10, 4, 4, 11], [9, 11], [4, 4, 11], [5, 10]),
+])
+def test_first_divergent_step_keeps_only_the_first_differing_step(chosen, rejected, chosen_kept, rejected_kept, context):
+    prompt = [1, 2]
+    cut = first_divergent_step(_pair(prompt, chosen, rejected), frozenset({10}))
+    for sequence, kept in ((cut.chosen, chosen_kept), (cut.rejected, rejected_kept)):
+        assert sequence.input_ids == prompt + context + kept
+        assert sequence.labels == [IGNORE_INDEX] * (len(prompt) + len(context)) + kept
+    assert cut.prompt_length == len(prompt)
+
+
+def test_first_divergent_step_on_a_rendered_arithmetic_pair(tiny_tokenizer):
+    chosen = [{"role": "assistant", "content": "2 + 8 + 0 = 10\n9 + 7 + 1 = 17\n#### 170"}]
+    rejected = [{"role": "assistant", "content": "2 + 8 + 0 = 10\n9 + 7 + 0 = 16\n#### 160"}]
+    (pair,), _ = build([{"prompt": PROMPT, "chosen": chosen, "rejected": rejected}], tiny_tokenizer)
+    separators = separator_tokens(tiny_tokenizer, "\\n")  # as a shell passes algo.step_separator="\n"
+    assert separators == separator_tokens(tiny_tokenizer, "\n")
+    cut = first_divergent_step(pair, separators)
+    prompt_ids = render_ids(tiny_tokenizer, PROMPT, add_generation_prompt=True)
+    for sequence, step in ((cut.chosen, "9 + 7 + 1 = 17\n"), (cut.rejected, "9 + 7 + 0 = 16\n")):
+        assert tiny_tokenizer.decode(sequence.input_ids[len(prompt_ids):]) == "2 + 8 + 0 = 10\n" + step
+        assert tiny_tokenizer.decode([label for label in sequence.labels if label != IGNORE_INDEX]) == step
+
+
+def test_a_step_separator_no_token_contains_is_a_clear_error(tiny_tokenizer):
+    with pytest.raises(DataError, match="no token of the tokenizer contains the step separator"):
+        separator_tokens(tiny_tokenizer, "\u2603")
