@@ -19,10 +19,11 @@ demo: install
 	posttrain algo=pipeline run_dir=runs/demo
 
 # Tests that build their own in-process vLLM engine (a trainer's rollout service) run in their own
-# processes: a second engine in one process breaks torch.distributed for the tests after it.
+# processes: a second engine in one process breaks torch.distributed for the tests after it. The DPO
+# stage test shares the RLVR test's process for its noisy SFT model (a session fixture) and uses no vLLM.
 test: install
 	$(PYTHON) -m pytest -q -m "not isolated"
-	$(PYTHON) -m pytest -q -m isolated tests/trainers/test_rlvr_trainer.py
+	$(PYTHON) -m pytest -q -m isolated tests/trainers/test_dpo_stage.py tests/trainers/test_rlvr_trainer.py
 	$(PYTHON) -m pytest -q -m isolated tests/trainers/test_gpo_trainer.py
 
 bench: install

@@ -92,7 +92,7 @@ def arithmetic(split: str, num_examples: int, seed: int, max_digits: int = 2, op
     want_held_out = split == "eval"
     capacity = len(operations) * (10**max_digits) ** 2 // HELD_OUT_BUCKETS
     if want_held_out and num_examples > capacity // 2:
-        raise ValueError(f"only ~{capacity} held-out {max_digits}-digit problems exist; ask for fewer")
+        raise ValueError(f"only ~{capacity} held-out {max_digits}-digit problems exist; ask for at most {capacity // 2}")
     rng = random.Random(f"arithmetic:{seed}:{split}")
     noise_rng = random.Random(f"arithmetic-noise:{seed}")  # separate, so noise=0 draws the same problems
     rows, seen = [], set()

@@ -4,6 +4,7 @@ import pytest
 
 from data_recipes import generate_task
 from data_recipes.arithmetic import column_steps
+from posttrain.errors import ConfigError
 from posttrain.rewards.reward import score_completion
 
 STEPS = {"operations": "+", "steps": True}
@@ -47,7 +48,11 @@ def test_noise_forgets_the_units_carry_in_that_share_of_carry_problems_only():
 
 def test_noise_never_touches_the_held_out_split_and_rejects_bad_values():
     assert generate_task("arithmetic", "eval", 100, 0, **STEPS, noise=0.9) == generate_task("arithmetic", "eval", 100, 0, **STEPS)
-    with pytest.raises(ValueError, match="noise must be in"):
+    with pytest.raises(ConfigError, match="task generator 'arithmetic' .train split, 10 rows.: noise must be in"):
         generate_task("arithmetic", "train", 10, 0, **STEPS, noise=1.0)
-    with pytest.raises(ValueError, match="steps=True"):
+    with pytest.raises(ConfigError, match="steps=True"):
         generate_task("arithmetic", "train", 10, 0, noise=0.5)
+    with pytest.raises(ConfigError, match="only ~1000 held-out 2-digit problems exist; ask for at most 500"):
+        generate_task("arithmetic", "eval", 501, 0, **STEPS)
+    with pytest.raises(ConfigError, match="task generator 'arithmetic': .*unexpected keyword argument 'nosie'.*generator_kwargs"):
+        generate_task("arithmetic", "train", 10, 0, **STEPS, nosie=0.5)
