@@ -28,6 +28,7 @@ from posttrain.engine.reference import (
     ReferenceLogprobs, cached_reference_logprobs, compute_reference_logprobs, default_cache_dir, frozen_model,
     model_fingerprint, reference_cache_key,
 )
+from posttrain.errors import ConfigError
 from posttrain.logging import MetricsLogger
 from posttrain.losses import get_loss
 from posttrain.losses.dpo import chosen_nll
@@ -125,6 +126,8 @@ def setup(cfg) -> DPORun:
     init_distributed()
     seed_everything(cfg.seed + rank())
     get_loss(cfg.algo.loss)  # an unknown loss name fails now, listing the known ones
+    if cfg.algo.nll_alpha < 0:
+        raise ConfigError(f"algo.nll_alpha={cfg.algo.nll_alpha} is negative; it weighs the chosen NLL (RPO): use 0 to turn it off or a positive weight")
     run_dir = Path(cfg.run_dir)
     checkpoint = resume_point(run_dir, cfg.resume)
     tokenizer, train_examples, eval_examples = load_preference_data(cfg, run_dir)

@@ -156,6 +156,15 @@ def test_nll_alpha_adds_the_chosen_nll_to_any_family_loss(loss):
     assert rpo_metrics["logps/rejected"].item() == pytest.approx((-2.0 - 4.0) / 2)
 
 
+def test_negative_nll_alpha_fails_before_anything_is_written(tmp_path):
+    from posttrain.errors import ConfigError
+
+    cfg = compose_config([f"run_dir={tmp_path / 'run'}", *FAST, "algo.nll_alpha=-1"])
+    with pytest.raises(ConfigError, match="algo.nll_alpha=-1.0 is negative"):
+        dpo.main(cfg)
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
 def test_unknown_loss_fails_before_anything_is_written(tmp_path):
     from posttrain.errors import ConfigError
 
