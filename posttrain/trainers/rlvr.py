@@ -2,7 +2,8 @@
 
 Per rollout step: sample G completions for each prompt through the RolloutService, score them with
 the row's verifier, turn rewards into group advantages (dropping zero-variance groups), recompute the
-old log-probs with the trainer, take `epochs_per_batch x minibatches_per_epoch` clipped policy-gradient
+old log-probs with the trainer (skipped when there is one optimizer step per batch: they are then the
+step's own, detached), take `epochs_per_batch x minibatches_per_epoch` clipped policy-gradient
 optimizer steps, then sync the new weights into the rollout engine.
 """
 
@@ -202,8 +203,9 @@ def loss_scale(aggregation: str, chunk: list[Sequence], chunk_tokens: float, tot
     return float(world_size())  # sum_constant divides by a constant that covers the whole minibatch
 
 
-def optimizer_step(run: RLVRRun, minibatch: list[Sequence], old: dict, reference: dict) -> dict[str, float]:
-    """One optimizer step over `minibatch` (split into the configured accumulation chunks)."""
+def optimizer_step(run: RLVRRun, minibatch: list[Sequence], old: dict | None, reference: dict) -> dict[str, float]:
+    """One optimizer step over `minibatch` (split into the configured accumulation chunks). `old` None: the
+    chunk's own log-probs, detached, are the old ones (see `single_update`)."""
     cfg, algo, engine = run.cfg, run.cfg.algo, run.engine
     tokens = float(sum(len(s.example.input_ids) - s.prompt_length for s in minibatch))
     total_tokens, total_sequences = all_reduce_sum([tokens, float(len(minibatch))])
@@ -219,7 +221,7 @@ def optimizer_step(run: RLVRRun, minibatch: list[Sequence], old: dict, reference
         logprobs, entropy, mask = response_logprobs(engine, chunk, with_entropy=True, temperature=sampling_temperature(algo))
         ids = [id(s) for s in chunk]
         loss, parts = get_loss("grpo")(
-            logprobs, pad_rows([old[i] for i in ids], mask), torch.tensor([s.advantage for s in chunk], device=mask.device), mask,
+            logprobs, logprobs.detach() if old is None else pad_rows([old[i] for i in ids], mask), torch.tensor([s.advantage for s in chunk], device=mask.device), mask,
             clip_low=algo.clip_low, clip_high=algo.clip_high,
             reference_logprobs=pad_rows([reference[i] for i in ids], mask) if reference else None,
             kl_beta=algo.kl_beta, kl_estimator=algo.kl_estimator, entropy=entropy, entropy_coef=algo.entropy_coef,
@@ -272,11 +274,19 @@ def reference_logprobs(run: RLVRRun, sequences: list[Sequence]) -> dict[int, tor
         return per_sequence_logprobs(run.engine, sequences, size, temperature)
 
 
+def single_update(algo) -> bool:
+    """One optimizer step per rollout batch: every forward of that step runs on the very weights the old
+    log-probs would be recomputed with, so the step's own log-probs, detached, are the old ones (ratio 1,
+    the gradient of A log pi) and the extra no-grad forward that recomputes them is skipped (as TRL does)."""
+    return algo.epochs_per_batch == 1 and algo.minibatches_per_epoch == 1
+
+
 def update_policy(run: RLVRRun, sequences: list[Sequence], step: int) -> dict[str, float]:
-    """Old log-probs, then the configured optimizer steps over the rollout batch."""
+    """Old log-probs (unless `single_update`), then the configured optimizer steps over the rollout batch."""
     algo, engine = run.cfg.algo, run.engine
     engine.eval()  # log-prob recomputation must match training forwards (no dropout either way)
-    old = per_sequence_logprobs(engine, sequences, run.cfg.train.micro_batch_size, sampling_temperature(algo))
+    old = None if single_update(algo) else per_sequence_logprobs(engine, sequences, run.cfg.train.micro_batch_size,
+                                                                  sampling_temperature(algo))
     reference = reference_logprobs(run, sequences)
     engine.train()
     metrics: dict[str, float] = {}

@@ -64,6 +64,32 @@ def test_chunked_accumulation_equals_one_pass(aggregation, tiny_model, tiny_toke
         torch.testing.assert_close(parameter.grad, expected, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("aggregation", ["token_mean", "sum_constant"])
+def test_detached_own_logprobs_give_the_recomputed_old_logprobs_gradient(aggregation, tiny_model, tiny_tokenizer, arithmetic_rows):
+    """With one optimizer step per batch the trainer skips the old-log-prob forward and uses the step's own
+    log-probs, detached: loss, gradient and clip fraction equal those with the old log-probs recomputed."""
+    sequences = make_sequences(tiny_tokenizer, arithmetic_rows[:4], [1.0, -0.5, 0.25, -1.0])
+    module = CausalLMWithLogprobs(tiny_model, fused=False)
+    kwargs = dict(clip_low=0.2, clip_high=0.28, aggregation=aggregation, constant_normalizer=64.0 * len(sequences))
+    advantages = torch.tensor([s.advantage for s in sequences])
+    with torch.no_grad():
+        recomputed, _, _ = response_logprobs(module.eval(), sequences)
+    module.train()
+    results = []
+    for old in (recomputed, None):
+        module.zero_grad()
+        logprobs, _, mask = response_logprobs(module, sequences)
+        loss, parts = get_loss("grpo")(logprobs, logprobs.detach() if old is None else old * mask, advantages, mask, **kwargs)
+        loss.backward()
+        results.append((loss.detach(), float(parts["clip_fraction"]), [p.grad.clone() for p in module.parameters()]))
+    (loss_a, clip_a, grads_a), (loss_b, clip_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-6, rtol=1e-5)
+    assert clip_a == clip_b == 0.0
+    assert any(float(g.abs().sum()) > 0 for g in grads_b)
+    for expected, actual in zip(grads_a, grads_b):
+        torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-5)
+
+
 def test_chunks_are_exact_and_may_be_empty():
     assert chunks(list(range(5)), 3) == [[0, 1], [2, 3], [4]]
     assert chunks([1], 3) == [[1], [], []]
