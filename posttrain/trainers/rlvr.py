@@ -221,7 +221,7 @@ def optimizer_step(run: RLVRRun, minibatch: list[Sequence], old: dict | None, re
         logprobs, entropy, mask = response_logprobs(engine, chunk, with_entropy=True, temperature=sampling_temperature(algo))
         ids = [id(s) for s in chunk]
         loss, parts = get_loss("grpo")(
-            logprobs, logprobs.detach() if old is None else pad_rows([old[i] for i in ids], mask), torch.tensor([s.advantage for s in chunk], device=mask.device), mask,
+            logprobs, old_logprob_rows(old, chunk, logprobs, mask), torch.tensor([s.advantage for s in chunk], device=mask.device), mask,
             clip_low=algo.clip_low, clip_high=algo.clip_high,
             reference_logprobs=pad_rows([reference[i] for i in ids], mask) if reference else None,
             kl_beta=algo.kl_beta, kl_estimator=algo.kl_estimator, entropy=entropy, entropy_coef=algo.entropy_coef,
@@ -239,6 +239,12 @@ def optimizer_step(run: RLVRRun, minibatch: list[Sequence], old: dict | None, re
     if reference:
         metrics["kl"] = totals["kl"] / max(totals["tokens"], 1.0)
     return metrics
+
+
+def old_logprob_rows(old: dict | None, chunk: list[Sequence], logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The chunk's old log-probs [B, T]: recomputed ones from `old`, or (None, see `single_update`) the chunk's
+    own log-probs detached."""
+    return logprobs.detach() if old is None else pad_rows([old[id(s)] for s in chunk], mask)
 
 
 def pad_rows(rows: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:

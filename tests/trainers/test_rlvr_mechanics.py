@@ -8,7 +8,9 @@ from posttrain.losses import get_loss
 from posttrain.losses.policy import group_advantages
 from posttrain.models.logprob_model import CausalLMWithLogprobs
 from posttrain.rollout.completion import Completion
-from posttrain.trainers.rlvr import Sequence, build_sequences, chunks, loss_scale, response_logprobs
+from posttrain.trainers.rlvr import (
+    Sequence, build_sequences, chunks, loss_scale, old_logprob_rows, per_sequence_logprobs, response_logprobs,
+)
 
 
 def make_sequences(tokenizer, rows, advantages):
@@ -72,14 +74,13 @@ def test_detached_own_logprobs_give_the_recomputed_old_logprobs_gradient(aggrega
     module = CausalLMWithLogprobs(tiny_model, fused=False)
     kwargs = dict(clip_low=0.2, clip_high=0.28, aggregation=aggregation, constant_normalizer=64.0 * len(sequences))
     advantages = torch.tensor([s.advantage for s in sequences])
-    with torch.no_grad():
-        recomputed, _, _ = response_logprobs(module.eval(), sequences)
+    recomputed = per_sequence_logprobs(module.eval(), sequences, micro_batch_size=3, temperature=1.0)  # the trainer's
     module.train()
     results = []
     for old in (recomputed, None):
         module.zero_grad()
         logprobs, _, mask = response_logprobs(module, sequences)
-        loss, parts = get_loss("grpo")(logprobs, logprobs.detach() if old is None else old * mask, advantages, mask, **kwargs)
+        loss, parts = get_loss("grpo")(logprobs, old_logprob_rows(old, sequences, logprobs, mask), advantages, mask, **kwargs)
         loss.backward()
         results.append((loss.detach(), float(parts["clip_fraction"]), [p.grad.clone() for p in module.parameters()]))
     (loss_a, clip_a, grads_a), (loss_b, clip_b, grads_b) = results
