@@ -30,7 +30,9 @@ def save_tiny_llama(out_dir: Path, tokenizer, size: dict, seed: int):
     from posttrain.config import TinyModelConfig
     from posttrain.models.loading import tiny_llama_config
 
-    tiny = TinyModelConfig(**{key: size[key] for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")})
+    tiny = TinyModelConfig(
+        **{key: size[key] for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")}
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_llama_config(tiny, tokenizer), dtype=torch.float32)
     model.save_pretrained(out_dir)

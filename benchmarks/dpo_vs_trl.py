@@ -47,13 +47,24 @@ def prepare(workdir: Path, args) -> None:
     from data_recipes import generate_task
     from posttrain.models.tokenizer import train_tokenizer
 
-    rows = generate_task("arithmetic_preference", "train", args.num_pairs, 0, max_digits=args.max_digits, operations="+", steps=True)
+    rows = generate_task(
+        "arithmetic_preference", "train", args.num_pairs, 0, max_digits=args.max_digits, operations="+", steps=True
+    )
     texts = [m["content"] for row in rows for key in ("prompt", "chosen", "rejected") for m in row[key]]
     tokenizer = train_tokenizer(texts, vocab_size=512)
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
-                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64,
-                         max_position_embeddings=1024, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=3 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=args.hidden // 64,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(workdir / "model")
     tokenizer.save_pretrained(workdir / "model")
@@ -73,10 +84,21 @@ def run_posttrain(workdir: Path, args) -> dict:
 
     register_configs()
     overrides = [
-        "algo=dpo", "data=jsonl", f"data.train_files=[{workdir / 'pairs.jsonl'}]", "data.max_length=1024",
-        f"model.path={workdir / 'model'}", "model.dtype=float32", "model.gradient_checkpointing=false", "logger.progress_bar=false",
-        f"train.micro_batch_size={args.pairs}", f"train.max_steps={args.steps}", "optim.lr=1e-5", "optim.warmup_ratio=0",
-        "algo.beta=0.1", f"algo.reference.cache_dir={workdir / f'cache-{os.getpid()}'}", f"run_dir={workdir / f'run-{os.getpid()}'}",
+        "algo=dpo",
+        "data=jsonl",
+        f"data.train_files=[{workdir / 'pairs.jsonl'}]",
+        "data.max_length=1024",
+        f"model.path={workdir / 'model'}",
+        "model.dtype=float32",
+        "model.gradient_checkpointing=false",
+        "logger.progress_bar=false",
+        f"train.micro_batch_size={args.pairs}",
+        f"train.max_steps={args.steps}",
+        "optim.lr=1e-5",
+        "optim.warmup_ratio=0",
+        "algo.beta=0.1",
+        f"algo.reference.cache_dir={workdir / f'cache-{os.getpid()}'}",
+        f"run_dir={workdir / f'run-{os.getpid()}'}",
     ]
     with initialize_config_dir(str(CONF_DIR), version_base=None):
         cfg = compose("config", overrides=overrides)
@@ -112,14 +134,33 @@ def run_trl(workdir: Path, args, precompute: bool) -> dict:
             times.append(time.perf_counter() - self.started)
 
     config = DPOConfig(
-        output_dir=str(workdir / f"trl-{os.getpid()}"), per_device_train_batch_size=args.pairs, max_steps=args.steps,
-        learning_rate=1e-5, lr_scheduler_type="linear", warmup_steps=0, beta=0.1, loss_type=["sigmoid"], max_length=1024,
-        precompute_ref_log_probs=precompute, logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=True,
-        dataloader_num_workers=0, disable_tqdm=True, seed=0, gradient_checkpointing=False,
+        output_dir=str(workdir / f"trl-{os.getpid()}"),
+        per_device_train_batch_size=args.pairs,
+        max_steps=args.steps,
+        learning_rate=1e-5,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        beta=0.1,
+        loss_type=["sigmoid"],
+        max_length=1024,
+        precompute_ref_log_probs=precompute,
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+        gradient_checkpointing=False,
     )
     started = time.perf_counter()
-    trainer = DPOTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
-                         callbacks=[StepTimer()])
+    trainer = DPOTrainer(
+        model=model,
+        args=config,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=[StepTimer()],
+    )
     setup_seconds = time.perf_counter() - started
     trainer.train()
     return {"step_seconds": times, "peak_rss_mb": rss_mb("VmHWM"), "setup_seconds": setup_seconds}
@@ -129,18 +170,26 @@ def child(method: str, workdir: Path, args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    result = run_posttrain(workdir, args) if method == "posttrain" else run_trl(workdir, args, method == "trl_precompute")
+    result = (
+        run_posttrain(workdir, args) if method == "posttrain" else run_trl(workdir, args, method == "trl_precompute")
+    )
     print("RESULT " + json.dumps(result))
 
 
 def summarise(results: dict, args) -> str:
-    lines = [f"model: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; {args.pairs} pairs/step; "
-             f"{args.threads} torch thread(s); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
-             "| method | median step (s) | peak RSS (MB) | set-up (s) | step time vs posttrain |", "|---|---|---|---|---|"]
+    lines = [
+        f"model: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; {args.pairs} pairs/step; "
+        f"{args.threads} torch thread(s); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
+        "| method | median step (s) | peak RSS (MB) | set-up (s) | step time vs posttrain |",
+        "|---|---|---|---|---|",
+    ]
     ours = statistics.median(results["posttrain"]["step_seconds"][args.warmup :])
     for method, result in results.items():
         median = statistics.median(result["step_seconds"][args.warmup :])
-        lines.append(f"| {method} | {median:.3f} | {result['peak_rss_mb']:.0f} | {result['setup_seconds']:.1f} | {median / ours:.2f}x |")
+        lines.append(
+            f"| {method} | {median:.3f} | {result['peak_rss_mb']:.0f} | {result['setup_seconds']:.1f} | "
+            f"{median / ours:.2f}x |"
+        )
     return "\n".join(lines)
 
 
@@ -176,18 +225,29 @@ def main() -> None:
             continue
         passthrough.append(arg)
     for method in args.methods.split(","):
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
-               "PYTHONPATH": str(REPO_ROOT)}
-        done = subprocess.run([sys.executable, __file__, *passthrough, "--workdir", str(args.workdir), "--child", method],
-                              capture_output=True, text=True, env=env)
+        env = {
+            **os.environ,
+            "MALLOC_MMAP_THRESHOLD_": "65536",
+            "DS_ACCELERATOR": "cpu",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": str(REPO_ROOT),
+        }
+        done = subprocess.run(
+            [sys.executable, __file__, *passthrough, "--workdir", str(args.workdir), "--child", method],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode != 0 or not lines:
             sys.exit(f"{method} failed:\n{done.stderr[-4000:]}")
-        results[method] = json.loads(lines[-1][len("RESULT "):])
+        results[method] = json.loads(lines[-1][len("RESULT ") :])
         print(f"{method}: steps {[round(t, 3) for t in results[method]['step_seconds']]}", flush=True)
     print(summarise(results, args))
     if args.out:
-        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2))
+        args.out.write_text(
+            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2)
+        )
 
 
 if __name__ == "__main__":

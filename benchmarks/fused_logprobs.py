@@ -158,8 +158,11 @@ def main() -> None:
     import torch
 
     threads = args.threads or torch.get_num_threads()
-    print(f"torch {torch.__version__}, {threads} threads, H={HIDDEN_SIZE}, fp32, "
-          f"load average at start {os.getloadavg()[0]:.2f}", flush=True)
+    print(
+        f"torch {torch.__version__}, {threads} threads, H={HIDDEN_SIZE}, fp32, "
+        f"load average at start {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
     results = []
     for rows in args.rows:
         for vocab in args.vocab:

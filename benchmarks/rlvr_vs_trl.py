@@ -75,7 +75,12 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # side -> (framework, generation backend)
-SIDES = {"posttrain": ("posttrain", "vllm"), "trl": ("trl", "hf"), "posttrain-hf": ("posttrain", "hf"), "trl-vllm": ("trl", "vllm")}
+SIDES = {
+    "posttrain": ("posttrain", "vllm"),
+    "trl": ("trl", "hf"),
+    "posttrain-hf": ("posttrain", "hf"),
+    "trl-vllm": ("trl", "vllm"),
+}
 BASELINES = ("trl", "trl-vllm")  # the ratio columns
 FULL = dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8, intermediate_size=1536)
 SMOKE = dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=384)
@@ -93,6 +98,7 @@ def build_inputs(workdir: Path, args) -> dict:
     """Model directory and prompts under `workdir`; returns the spec every side reads."""
     sys.path.insert(0, str(REPO_ROOT))
     from common import arithmetic_tokenizer, save_tiny_llama
+
     from data_recipes import generate_task
     from posttrain.data.batching import StepPlan
     from posttrain.models.tokenizer import SPECIAL_TOKENS
@@ -108,13 +114,22 @@ def build_inputs(workdir: Path, args) -> dict:
     plan = StepPlan(args.prompts, 1, 1, len(rows), SEED)
     first_plain = len(SPECIAL_TOKENS)
     return {
-        "workdir": str(workdir), "model_dir": str(workdir / "model"), "prompts_file": str(workdir / "prompts.jsonl"),
+        "workdir": str(workdir),
+        "model_dir": str(workdir / "model"),
+        "prompts_file": str(workdir / "prompts.jsonl"),
         "step_prompt_indices": [plan.micro_batches(step, 0)[0] for step in range(total_steps)],
-        "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": model.config.vocab_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": model.config.vocab_size,
         "stop_token_ids": list(range(first_plain, first_plain + args.stop_ids)),
-        "prompts": args.prompts, "samples": args.samples, "max_tokens": args.max_tokens, "micro_batch": args.micro_batch,
-        "accumulation": args.prompts * args.samples // args.micro_batch, "lr": args.lr, "total_steps": total_steps,
-        "threads": args.threads, "smoke": args.smoke,
+        "prompts": args.prompts,
+        "samples": args.samples,
+        "max_tokens": args.max_tokens,
+        "micro_batch": args.micro_batch,
+        "accumulation": args.prompts * args.samples // args.micro_batch,
+        "lr": args.lr,
+        "total_steps": total_steps,
+        "threads": args.threads,
+        "smoke": args.smoke,
     }
 
 
@@ -149,8 +164,12 @@ class StepClock:
         def differences(start, ends):
             return [end - previous for previous, end in zip([start, *ends[:-1]], ends)]
 
-        return {"step_seconds": differences(self.started, self.ends), "step_cpu_seconds": differences(self.cpu_started, self.cpu_ends),
-                "threads": sorted(self.threads), "peak_rss_mb": rss_mb("VmHWM")}
+        return {
+            "step_seconds": differences(self.started, self.ends),
+            "step_cpu_seconds": differences(self.cpu_started, self.cpu_ends),
+            "threads": sorted(self.threads),
+            "peak_rss_mb": rss_mb("VmHWM"),
+        }
 
 
 def posttrain_config(spec: dict, backend: str, run_dir: Path):
@@ -162,17 +181,40 @@ def posttrain_config(spec: dict, backend: str, run_dir: Path):
 
     register_configs()
     overrides = [
-        "algo=rlvr", f"rollout={backend}", "data=jsonl", f"data.train_files=[{spec['prompts_file']}]",
-        f"model.path={spec['model_dir']}", "model.dtype=float32", "model.gradient_checkpointing=false",
-        f"algo.prompts_per_step={spec['prompts']}", f"algo.sampling.n={spec['samples']}", f"algo.sampling.max_tokens={spec['max_tokens']}",
-        "algo.sampling.temperature=1.0", "algo.sampling.top_p=1.0", f"algo.sampling.stop_token_ids={spec['stop_token_ids']}",
-        "algo.advantage=standard", "algo.drop_zero_variance_groups=false", f"algo.clip_low={CLIP_LOW}", f"algo.clip_high={CLIP_HIGH}",
-        "algo.kl_beta=0.0", "algo.aggregation=token_mean", "algo.epochs_per_batch=1", "algo.minibatches_per_epoch=1",
-        f"algo.verification_reward={VERIFICATION_REWARD}", f"train.max_steps={spec['total_steps']}",
-        f"train.micro_batch_size={spec['micro_batch']}", f"train.gradient_accumulation_steps={spec['accumulation']}",
-        f"optim.lr={spec['lr']}", "optim.scheduler=constant", "optim.warmup_ratio=0", "optim.max_grad_norm=1.0",
-        f"rollout.max_model_len={spec['max_tokens'] + 128}", f"rollout.hf_batch_size={spec['prompts']}",
-        "logger.progress_bar=false", f"seed={SEED}", f"run_dir={run_dir}",
+        "algo=rlvr",
+        f"rollout={backend}",
+        "data=jsonl",
+        f"data.train_files=[{spec['prompts_file']}]",
+        f"model.path={spec['model_dir']}",
+        "model.dtype=float32",
+        "model.gradient_checkpointing=false",
+        f"algo.prompts_per_step={spec['prompts']}",
+        f"algo.sampling.n={spec['samples']}",
+        f"algo.sampling.max_tokens={spec['max_tokens']}",
+        "algo.sampling.temperature=1.0",
+        "algo.sampling.top_p=1.0",
+        f"algo.sampling.stop_token_ids={spec['stop_token_ids']}",
+        "algo.advantage=standard",
+        "algo.drop_zero_variance_groups=false",
+        f"algo.clip_low={CLIP_LOW}",
+        f"algo.clip_high={CLIP_HIGH}",
+        "algo.kl_beta=0.0",
+        "algo.aggregation=token_mean",
+        "algo.epochs_per_batch=1",
+        "algo.minibatches_per_epoch=1",
+        f"algo.verification_reward={VERIFICATION_REWARD}",
+        f"train.max_steps={spec['total_steps']}",
+        f"train.micro_batch_size={spec['micro_batch']}",
+        f"train.gradient_accumulation_steps={spec['accumulation']}",
+        f"optim.lr={spec['lr']}",
+        "optim.scheduler=constant",
+        "optim.warmup_ratio=0",
+        "optim.max_grad_norm=1.0",
+        f"rollout.max_model_len={spec['max_tokens'] + 128}",
+        f"rollout.hf_batch_size={spec['prompts']}",
+        "logger.progress_bar=false",
+        f"seed={SEED}",
+        f"run_dir={run_dir}",
     ]
     with initialize_config_dir(str(CONF_DIR), version_base=None):
         return compose("config", overrides=overrides)
@@ -201,9 +243,13 @@ def run_posttrain(spec: dict, backend: str, scratch: Path) -> dict:
         rlvr.train(run)
     finally:
         rlvr.rollout_step = original_rollout_step
-    return {**clock.result(), "setup_seconds": setup_seconds,
-            "rollout_seconds": [m["rollout_seconds"] for m in metrics],
-            "completion_lengths": [m["response_length"] for m in metrics], "rewards": [m["reward_mean"] for m in metrics]}
+    return {
+        **clock.result(),
+        "setup_seconds": setup_seconds,
+        "rollout_seconds": [m["rollout_seconds"] for m in metrics],
+        "completion_lengths": [m["response_length"] for m in metrics],
+        "rewards": [m["reward_mean"] for m in metrics],
+    }
 
 
 def trl_reward_function(stop_token_ids: set[int]):
@@ -211,7 +257,9 @@ def trl_reward_function(stop_token_ids: set[int]):
     from posttrain.rewards.reward import score_batch
 
     def verified_reward(prompts, completions, completion_ids, verifier, ground_truth, **_):
-        texts = [completion[-1]["content"] for completion in completions]  # conversational: [{"role": "assistant", ...}]
+        texts = [
+            completion[-1]["content"] for completion in completions
+        ]  # conversational: [{"role": "assistant", ...}]
         finished = [bool(ids) and ids[-1] in stop_token_ids for ids in completion_ids]
         rows = [{"verifier": name, "ground_truth": truth} for name, truth in zip(verifier, ground_truth)]
         rewards, _ = score_batch(rows, texts, finished, VERIFICATION_REWARD, 0.0)
@@ -223,18 +271,50 @@ def trl_reward_function(stop_token_ids: set[int]):
 def trl_config(spec: dict, output_dir: Path, use_vllm: bool):
     from trl import GRPOConfig
 
-    vllm = dict(vllm_mode="colocate", vllm_max_model_length=spec["max_tokens"] + 128,
-                generation_kwargs={"stop_token_ids": spec["stop_token_ids"]}) if use_vllm else {}  # vLLM reads EOS from the model dir
+    vllm = (
+        dict(
+            vllm_mode="colocate",
+            vllm_max_model_length=spec["max_tokens"] + 128,
+            generation_kwargs={"stop_token_ids": spec["stop_token_ids"]},
+        )
+        if use_vllm
+        else {}
+    )  # vLLM reads EOS from the model dir
     return GRPOConfig(
-        output_dir=str(output_dir), max_steps=spec["total_steps"], seed=SEED, use_cpu=True,
-        per_device_train_batch_size=spec["micro_batch"], gradient_accumulation_steps=spec["accumulation"],  # = one generation batch
-        num_generations=spec["samples"], max_completion_length=spec["max_tokens"], use_vllm=use_vllm, **vllm,
-        temperature=1.0, top_p=1.0, top_k=0, shuffle_dataset=False,
-        beta=0.0, loss_type="dapo", epsilon=CLIP_LOW, epsilon_high=CLIP_HIGH, scale_rewards="group", num_iterations=1,
-        learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        output_dir=str(output_dir),
+        max_steps=spec["total_steps"],
+        seed=SEED,
+        use_cpu=True,
+        per_device_train_batch_size=spec["micro_batch"],
+        gradient_accumulation_steps=spec["accumulation"],  # = one generation batch
+        num_generations=spec["samples"],
+        max_completion_length=spec["max_tokens"],
+        use_vllm=use_vllm,
+        **vllm,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        shuffle_dataset=False,
+        beta=0.0,
+        loss_type="dapo",
+        epsilon=CLIP_LOW,
+        epsilon_high=CLIP_HIGH,
+        scale_rewards="group",
+        num_iterations=1,
+        learning_rate=spec["lr"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
         optim="adamw_torch",  # torch.optim.AdamW, as posttrain
-        bf16=False, fp16=False, gradient_checkpointing=False,  # GRPOConfig defaults to bf16 and checkpointing; posttrain runs fp32 without
-        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,  # GRPOConfig defaults to bf16 and checkpointing; posttrain runs fp32 without
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
 
 
@@ -266,9 +346,14 @@ def run_trl(spec: dict, use_vllm: bool, scratch: Path) -> dict:
             if logs and "completions/mean_length" in logs:
                 log_records.append(dict(logs))
 
-    trainer = GRPOTrainer(model=model, reward_funcs=[trl_reward_function({tokenizer.eos_token_id, *spec["stop_token_ids"]})],
-                          args=trl_config(spec, scratch / "trl", use_vllm), train_dataset=datasets.Dataset.from_list(ordered),
-                          processing_class=tokenizer, callbacks=[Recorder()])
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[trl_reward_function({tokenizer.eos_token_id, *spec["stop_token_ids"]})],
+        args=trl_config(spec, scratch / "trl", use_vllm),
+        train_dataset=datasets.Dataset.from_list(ordered),
+        processing_class=tokenizer,
+        callbacks=[Recorder()],
+    )
     setup_seconds = time.perf_counter() - started
     generate_and_score = trainer._generate_and_score_completions
 
@@ -281,11 +366,21 @@ def run_trl(spec: dict, use_vllm: bool, scratch: Path) -> dict:
     trainer._generate_and_score_completions = timed_generate_and_score
     trainer.train()
     # Same prompt tokens as posttrain? (TRL renders with apply_chat_template(tokenize=True).)
-    mismatches = sum(tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-                     != render_ids(tokenizer, row["prompt"], add_generation_prompt=True) for row in ordered)
-    return {**clock.result(), "setup_seconds": setup_seconds, "rollout_seconds": rollout_seconds,
-            "completion_lengths": [record["completions/mean_length"] for record in log_records],
-            "rewards": [record.get("reward", float("nan")) for record in log_records], "prompt_token_mismatches": mismatches}
+    mismatches = sum(
+        tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"
+        ]
+        != render_ids(tokenizer, row["prompt"], add_generation_prompt=True)
+        for row in ordered
+    )
+    return {
+        **clock.result(),
+        "setup_seconds": setup_seconds,
+        "rollout_seconds": rollout_seconds,
+        "completion_lengths": [record["completions/mean_length"] for record in log_records],
+        "rewards": [record.get("reward", float("nan")) for record in log_records],
+        "prompt_token_mismatches": mismatches,
+    }
 
 
 def child_main(side: str, spec_path: Path, result_path: Path) -> None:
@@ -308,8 +403,13 @@ def child_main(side: str, spec_path: Path, result_path: Path) -> None:
 
 def run_side(side: str, spec_path: Path, workdir: Path, threads: int) -> dict:
     result_path, log_path = workdir / f"result-{side}.json", workdir / f"log-{side}.txt"
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DS_ACCELERATOR": "cpu", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "DS_ACCELERATOR": "cpu",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # posttrain: rollout.kv_cache_gib (default 1 GiB) sizes the KV cache
     if side == "trl-vllm":
         env["VLLM_CPU_KVCACHE_SPACE"] = "1"  # the same 1 GiB; TRL would size it from vllm_gpu_memory_utilization
@@ -324,24 +424,34 @@ def run_side(side: str, spec_path: Path, workdir: Path, threads: int) -> dict:
 
 def summarise(result: dict, warmup: int) -> dict:
     """Medians over the steps after `warmup` (mean completion length: their mean)."""
+
     def timed(key):
         values = result[key][warmup:]
         if not values:
             raise RuntimeError(f"{result['side']}: no {key} after {warmup} warm-up step(s); use more --steps")
         return values
 
-    return {"seconds_per_step": statistics.median(timed("step_seconds")), "cpu_seconds_per_step": statistics.median(timed("step_cpu_seconds")),
-            "rollout_seconds": statistics.median(timed("rollout_seconds")), "completion_length": statistics.mean(timed("completion_lengths")),
-            "reward": statistics.mean(timed("rewards")), "steps": len(timed("step_seconds"))}
+    return {
+        "seconds_per_step": statistics.median(timed("step_seconds")),
+        "cpu_seconds_per_step": statistics.median(timed("step_cpu_seconds")),
+        "rollout_seconds": statistics.median(timed("rollout_seconds")),
+        "completion_length": statistics.mean(timed("completion_lengths")),
+        "reward": statistics.mean(timed("rewards")),
+        "steps": len(timed("step_seconds")),
+    }
 
 
 def report(spec: dict, results: dict, warmup: int) -> list[str]:
     """The results table: one row per side, then the ratios to each TRL side and any warnings."""
-    lines = [f"model: {spec['parameters'] / 1e6:.1f}M parameters, vocab {spec['vocab_size']}, fp32; per step {spec['prompts']} prompts x "
-             f"{spec['samples']} samples x <= {spec['max_tokens']} tokens, micro-batches of {spec['micro_batch']}; "
-             f"{spec['threads']} torch threads; medians over the steps after {warmup} warm-up",
-             f"{'side':<13} {'steps':>5} {'s/step':>7} {'cpu-s/step':>10} {'rollout s':>9} {'mean len':>8} {'reward':>6} "
-             f"{'peak RSS MB':>11} {'set-up s':>8} {'threads':>7} {'load':>9} " + " ".join(f"{b + '/side':>16}" for b in BASELINES)]
+    lines = [
+        f"model: {spec['parameters'] / 1e6:.1f}M parameters, vocab {spec['vocab_size']}, fp32; per step "
+        f"{spec['prompts']} prompts x "
+        f"{spec['samples']} samples x <= {spec['max_tokens']} tokens, micro-batches of {spec['micro_batch']}; "
+        f"{spec['threads']} torch threads; medians over the steps after {warmup} warm-up",
+        f"{'side':<13} {'steps':>5} {'s/step':>7} {'cpu-s/step':>10} {'rollout s':>9} {'mean len':>8} {'reward':>6} "
+        f"{'peak RSS MB':>11} {'set-up s':>8} {'threads':>7} {'load':>9} "
+        + " ".join(f"{b + '/side':>16}" for b in BASELINES),
+    ]
     summaries = {side: summarise(result, warmup) for side, result in results.items() if "error" not in result}
     for side, result in results.items():
         if side not in summaries:
@@ -351,18 +461,31 @@ def report(spec: dict, results: dict, warmup: int) -> list[str]:
         ratios = []
         for baseline in BASELINES:
             base = summaries.get(baseline)
-            ratios.append(f"{base['seconds_per_step'] / row['seconds_per_step']:.2f}x ({base['cpu_seconds_per_step'] / row['cpu_seconds_per_step']:.2f}x)"
-                          if base else "-")
+            ratios.append(
+                f"{base['seconds_per_step'] / row['seconds_per_step']:.2f}x "
+                f"({base['cpu_seconds_per_step'] / row['cpu_seconds_per_step']:.2f}x)"
+                if base
+                else "-"
+            )
         load = "/".join(f"{value:.1f}" for value in result["load_average"])
-        lines.append(f"{side:<13} {row['steps']:>5} {row['seconds_per_step']:>7.2f} {row['cpu_seconds_per_step']:>10.2f} "
-                     f"{row['rollout_seconds']:>9.2f} {row['completion_length']:>8.1f} {row['reward']:>6.2f} {result['peak_rss_mb']:>11.0f} "
-                     f"{result['setup_seconds']:>8.1f} {','.join(map(str, result['threads'])):>7} {load:>9} " + " ".join(f"{r:>16}" for r in ratios))
-    lines.append("<baseline>/side = the TRL side's median seconds per step / this side's, by wall clock (by process CPU time, all "
-                 "threads); > 1: faster than that TRL side (target for posttrain vs trl: >= 2x); rollout s = generate + score "
-                 f"within the step; load = 1-min load average at the side's start/end on {os.cpu_count()} cores")
+        lines.append(
+            f"{side:<13} {row['steps']:>5} {row['seconds_per_step']:>7.2f} {row['cpu_seconds_per_step']:>10.2f} "
+            f"{row['rollout_seconds']:>9.2f} {row['completion_length']:>8.1f} {row['reward']:>6.2f} "
+            f"{result['peak_rss_mb']:>11.0f} "
+            f"{result['setup_seconds']:>8.1f} {','.join(map(str, result['threads'])):>7} {load:>9} "
+            + " ".join(f"{r:>16}" for r in ratios)
+        )
+    lines.append(
+        "<baseline>/side = the TRL side's median seconds per step / this side's, by wall clock (by process CPU "
+        "time, all "
+        "threads); > 1: faster than that TRL side (target for posttrain vs trl: >= 2x); rollout s = generate + score "
+        f"within the step; load = 1-min load average at the side's start/end on {os.cpu_count()} cores"
+    )
     for side, result in results.items():
         if result.get("prompt_token_mismatches"):
-            lines.append(f"WARNING {side}: {result['prompt_token_mismatches']} prompts tokenized differently from posttrain")
+            lines.append(
+                f"WARNING {side}: {result['prompt_token_mismatches']} prompts tokenized differently from posttrain"
+            )
         if "threads" in result and result["threads"] != [spec["threads"]]:
             lines.append(f"WARNING {side}: torch ran with {result['threads']} threads, not {spec['threads']}")
     return lines
@@ -375,15 +498,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=8, help="prompts per optimizer step")
     parser.add_argument("--samples", type=int, default=8, help="completions per prompt (G)")
     parser.add_argument("--max-tokens", type=int, default=128, help="longest completion")
-    parser.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward (divides prompts x samples)")
+    parser.add_argument(
+        "--micro-batch", type=int, default=16, help="sequences per forward/backward (divides prompts x samples)"
+    )
     parser.add_argument("--lr", type=float, default=1e-6)
-    parser.add_argument("--stop-ids", type=int, default=3, help="plain tokens that also stop a sample (sets the spread of lengths)")
+    parser.add_argument(
+        "--stop-ids", type=int, default=3, help="plain tokens that also stop a sample (sets the spread of lengths)"
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads in every side")
-    parser.add_argument("--sides", help=f"comma-separated subset of {', '.join(SIDES)} (default: all; --smoke: all but trl-vllm)")
+    parser.add_argument(
+        "--sides", help=f"comma-separated subset of {', '.join(SIDES)} (default: all; --smoke: all but trl-vllm)"
+    )
     parser.add_argument("--workdir", type=Path, help="keep model, prompts and child logs here (default: a temp dir)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    parser.add_argument("--smoke", action="store_true", help="2-layer hidden-128 model, 2 prompts x 4 samples x 16 tokens, 2 steps, "
-                        "no trl-vllm (its engine compiles for ~30 s)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="2-layer hidden-128 model, 2 prompts x 4 samples x 16 tokens, 2 steps, "
+        "no trl-vllm (its engine compiles for ~30 s)",
+    )
     parser.add_argument("--child", choices=list(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -410,11 +543,19 @@ def main(argv=None) -> None:
         spec = build_inputs(workdir, args)
         spec_path = workdir / "spec.json"
         spec_path.write_text(json.dumps(spec))
-        print(f"model {spec['parameters'] / 1e6:.1f}M parameters; {args.threads} threads; load average {os.getloadavg()[0]:.2f}", flush=True)
+        print(
+            f"model {spec['parameters'] / 1e6:.1f}M parameters; {args.threads} threads; load average "
+            f"{os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
         results = {}
         for side in args.sides.split(","):
             results[side] = run_side(side, spec_path, workdir, args.threads)
-            status = "FAILED" if "error" in results[side] else f"steps {[round(s, 2) for s in results[side]['step_seconds']]}"
+            status = (
+                "FAILED"
+                if "error" in results[side]
+                else f"steps {[round(s, 2) for s in results[side]['step_seconds']]}"
+            )
             print(f"{side}: {status} (load average {os.getloadavg()[0]:.2f})", flush=True)
     print("\n".join(report(spec, results, args.warmup)))
     if args.out:

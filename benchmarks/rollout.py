@@ -42,29 +42,48 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FULL = dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8, intermediate_size=1536, prompts=64, max_tokens=256)
-SMOKE = dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=384, prompts=8, max_tokens=64)
+FULL = dict(
+    hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8, intermediate_size=1536, prompts=64, max_tokens=256
+)
+SMOKE = dict(
+    hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=384, prompts=8, max_tokens=64
+)
 
 
 def build_inputs(workdir: Path, size: dict, stop_ids: int) -> None:
     """Tokenizer, the two models, the prompts and the sampling config, written under `workdir`."""
     from common import arithmetic_tokenizer, save_tiny_llama
+
     from data_recipes import generate_task
     from posttrain.config import TinyModelConfig
     from posttrain.data.chat import render_ids
     from posttrain.models.tokenizer import SPECIAL_TOKENS
 
     tokenizer = arithmetic_tokenizer()
-    tiny = TinyModelConfig(**{key: size[key] for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")})
+    tiny = TinyModelConfig(
+        **{key: size[key] for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")}
+    )
     for name, seed in (("policy", 0), ("trained", 1)):
         model = save_tiny_llama(workdir / name, tokenizer, size, seed)
-    prompts = [render_ids(tokenizer, row["prompt"], add_generation_prompt=True) for row in generate_task("arithmetic", "eval", size["prompts"], seed=1)]
+    prompts = [
+        render_ids(tokenizer, row["prompt"], add_generation_prompt=True)
+        for row in generate_task("arithmetic", "eval", size["prompts"], seed=1)
+    ]
     first_plain = len(SPECIAL_TOKENS)
-    sampling = dict(n=1, temperature=1.0, top_p=1.0, top_k=0, max_tokens=size["max_tokens"], stop_token_ids=list(range(first_plain, first_plain + stop_ids)))
+    sampling = dict(
+        n=1,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        max_tokens=size["max_tokens"],
+        stop_token_ids=list(range(first_plain, first_plain + stop_ids)),
+    )
     (workdir / "prompts.json").write_text(json.dumps(prompts))
     (workdir / "sampling.json").write_text(json.dumps(sampling))
     parameters = sum(p.numel() for p in model.parameters())
-    (workdir / "model.json").write_text(json.dumps({"parameters": parameters, "vocab_size": model.config.vocab_size, **tiny.__dict__}))
+    (workdir / "model.json").write_text(
+        json.dumps({"parameters": parameters, "vocab_size": model.config.vocab_size, **tiny.__dict__})
+    )
 
 
 def run_side(backend: str, dtype: str, workdir: Path, rounds: int) -> dict:
@@ -77,7 +96,9 @@ def run_side(backend: str, dtype: str, workdir: Path, rounds: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(workdir / "policy")
     prompts = json.loads((workdir / "prompts.json").read_text())
     sampling = SamplingConfig(**json.loads((workdir / "sampling.json").read_text()))
-    cfg = RolloutConfig(backend=backend, dtype=dtype, max_model_len=512, max_num_seqs=64, kv_cache_gib=1.0, hf_batch_size=64)
+    cfg = RolloutConfig(
+        backend=backend, dtype=dtype, max_model_len=512, max_num_seqs=64, kv_cache_gib=1.0, hf_batch_size=64
+    )
     started = time.perf_counter()
     service = build_rollout_service(cfg, workdir / "policy", tokenizer)
     start_seconds = time.perf_counter() - started
@@ -90,20 +111,41 @@ def run_side(backend: str, dtype: str, workdir: Path, rounds: int) -> dict:
         completions = service.generate(prompts, dataclasses.replace(sampling, seed=round_index))
         seconds = time.perf_counter() - started
         lengths = sorted(len(c.token_ids) for c in completions)
-        timed.append({"seconds": seconds, "tokens": sum(lengths), "tokens_per_second": sum(lengths) / seconds,
-                      "length_min_median_max": [lengths[0], lengths[len(lengths) // 2], lengths[-1]],
-                      "stopped": sum(c.finish_reason == "stop" for c in completions)})
+        timed.append(
+            {
+                "seconds": seconds,
+                "tokens": sum(lengths),
+                "tokens_per_second": sum(lengths) / seconds,
+                "length_min_median_max": [lengths[0], lengths[len(lengths) // 2], lengths[-1]],
+                "stopped": sum(c.finish_reason == "stop" for c in completions),
+            }
+        )
     trained = AutoModelForCausalLM.from_pretrained(workdir / "trained", dtype=torch.float32)
     sync_seconds = []
     for _ in range(3):
         service.sync_weights(trained)
         sync_seconds.append(service.last_sync_seconds)
-    return {"backend": backend, "dtype": dtype, "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0], "start_seconds": start_seconds,
-            "warmup_seconds": warmup_seconds, "rounds": timed, "sync_seconds_first": sync_seconds[0], "sync_seconds_best": min(sync_seconds)}
+    return {
+        "backend": backend,
+        "dtype": dtype,
+        "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg()[0],
+        "start_seconds": start_seconds,
+        "warmup_seconds": warmup_seconds,
+        "rounds": timed,
+        "sync_seconds_first": sync_seconds[0],
+        "sync_seconds_best": min(sync_seconds),
+    }
 
 
 def launch_side(backend: str, dtype: str, workdir: Path, rounds: int, threads: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS=str(threads), VLLM_ENABLE_V1_MULTIPROCESSING="0", TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO_ROOT),
+        OMP_NUM_THREADS=str(threads),
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        TOKENIZERS_PARALLELISM="false",
+    )
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     command = [sys.executable, __file__, "--side", backend, dtype, str(workdir), "--rounds", str(rounds)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
@@ -113,18 +155,23 @@ def launch_side(backend: str, dtype: str, workdir: Path, rounds: int, threads: i
 
 
 def summarise(results: list[dict], model: dict) -> str:
-    lines = [f"model: {model['parameters'] / 1e6:.1f}M parameters, hidden {model['hidden_size']}, {model['num_layers']} layers, "
-             f"vocab {model['vocab_size']}; load = 1-min load average when a side finished (2 cores; shared machine)",
-             f"{'side':<18}{'tok/s (best)':>13}{'tok/s (all rounds)':>28}{'tokens/round':>14}{'len min/med/max':>17}"
-             f"{'start s':>9}{'warm-up s':>10}{'sync s first/best':>19}{'load':>6}"]
+    lines = [
+        f"model: {model['parameters'] / 1e6:.1f}M parameters, hidden {model['hidden_size']}, "
+        f"{model['num_layers']} layers, "
+        f"vocab {model['vocab_size']}; load = 1-min load average when a side finished (2 cores; shared machine)",
+        f"{'side':<18}{'tok/s (best)':>13}{'tok/s (all rounds)':>28}{'tokens/round':>14}{'len min/med/max':>17}"
+        f"{'start s':>9}{'warm-up s':>10}{'sync s first/best':>19}{'load':>6}",
+    ]
     best = {}
     for side in results:
         rates = [r["tokens_per_second"] for r in side["rounds"]]
         best[(side["backend"], side["dtype"])] = max(rates)
         lengths = "/".join(str(x) for x in side["rounds"][0]["length_min_median_max"])
-        lines.append(f"{side['backend'] + ' ' + side['dtype']:<18}{max(rates):>13.0f}{', '.join(f'{r:.0f}' for r in rates):>28}"
-                     f"{side['rounds'][0]['tokens']:>14}{lengths:>17}{side['start_seconds']:>9.1f}{side['warmup_seconds']:>10.1f}"
-                     f"{side['sync_seconds_first']:>13.3f}/{side['sync_seconds_best']:.3f}{side['load_average']:>6.1f}")
+        lines.append(
+            f"{side['backend'] + ' ' + side['dtype']:<18}{max(rates):>13.0f}{', '.join(f'{r:.0f}' for r in rates):>28}"
+            f"{side['rounds'][0]['tokens']:>14}{lengths:>17}{side['start_seconds']:>9.1f}{side['warmup_seconds']:>10.1f}"
+            f"{side['sync_seconds_first']:>13.3f}/{side['sync_seconds_best']:.3f}{side['load_average']:>6.1f}"
+        )
     for dtype in sorted({dtype for _, dtype in best}):
         if ("vllm", dtype) in best and ("hf", dtype) in best:
             lines.append(f"{dtype}: vllm / hf = {best[('vllm', dtype)] / best[('hf', dtype)]:.2f}x")
@@ -138,7 +185,9 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--stop-ids", type=int, default=3, help="stop token ids (sets the spread of completion lengths)")
+    parser.add_argument(
+        "--stop-ids", type=int, default=3, help="stop token ids (sets the spread of completion lengths)"
+    )
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()

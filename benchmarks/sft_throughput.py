@@ -224,23 +224,25 @@ def run_posttrain(spec: dict, side: dict, run_dir: Path) -> dict:
     from posttrain.logging import read_metrics
     from posttrain.trainers import sft
 
-    cfg = compose_posttrain_config([
-        f"model.path='{spec['model_dir']}'",
-        f"model.fused_logprobs={str(side['fused']).lower()}",
-        "data=jsonl",
-        f"data.train_files=['{spec['data_file']}']",
-        f"data.max_length={spec['max_length']}",
-        f"data.packing={str(side['packing']).lower()}",
-        f"train.micro_batch_size={spec['batch_size']}",
-        "train.gradient_accumulation_steps=1",
-        f"train.max_steps={spec['total_steps']}",
-        f"optim.lr={LEARNING_RATE}",
-        f"optim.warmup_ratio={WARMUP_RATIO}",
-        "logger.progress_bar=false",
-        "checkpoint.every=0",
-        f"run_dir='{run_dir}'",
-        f"seed={SEED}",
-    ])
+    cfg = compose_posttrain_config(
+        [
+            f"model.path='{spec['model_dir']}'",
+            f"model.fused_logprobs={str(side['fused']).lower()}",
+            "data=jsonl",
+            f"data.train_files=['{spec['data_file']}']",
+            f"data.max_length={spec['max_length']}",
+            f"data.packing={str(side['packing']).lower()}",
+            f"train.micro_batch_size={spec['batch_size']}",
+            "train.gradient_accumulation_steps=1",
+            f"train.max_steps={spec['total_steps']}",
+            f"optim.lr={LEARNING_RATE}",
+            f"optim.warmup_ratio={WARMUP_RATIO}",
+            "logger.progress_bar=false",
+            "checkpoint.every=0",
+            f"run_dir='{run_dir}'",
+            f"seed={SEED}",
+        ]
+    )
     run = sft.setup(cfg)
     step_ends, cpu_ends, step_tokens, threads_seen = [], [], [], []
     original_train_step = sft.train_step
@@ -266,7 +268,9 @@ def run_posttrain(spec: dict, side: dict, run_dir: Path) -> dict:
         "step_tokens": step_tokens,
         "step_target_tokens": [int(record["target_tokens"]) for record in metrics if "target_tokens" in record],
         "losses": [record["loss"] for record in metrics if "loss" in record],
-        "reported_tokens_per_second": [record["tokens_per_second"] for record in metrics if "tokens_per_second" in record],
+        "reported_tokens_per_second": [
+            record["tokens_per_second"] for record in metrics if "tokens_per_second" in record
+        ],
         "threads": sorted(set(threads_seen)),
     }
 
@@ -422,7 +426,10 @@ RATE_METRICS = ("tokens_per_second", "tokens_per_cpu_second")
 
 def summarise(rounds: list[dict[str, dict]], sides: list[str], warmup: int) -> dict:
     """Per side: medians over rounds; per baseline and rate metric: the median of the per-round ratios."""
-    per_round = [{side: summarise_run(result, warmup) for side, result in round_.items() if "error" not in result} for round_ in rounds]
+    per_round = [
+        {side: summarise_run(result, warmup) for side, result in round_.items() if "error" not in result}
+        for round_ in rounds
+    ]
     summary = {}
     for side in sides:
         runs = [round_[side] for round_ in per_round if side in round_]
@@ -434,7 +441,11 @@ def summarise(rounds: list[dict[str, dict]], sides: list[str], warmup: int) -> d
         summary[side]["per_round_tokens_per_second"] = [run["tokens_per_second"] for run in runs]
         for baseline in BASELINES:
             for metric in RATE_METRICS:
-                ratios = [round_[side][metric] / round_[baseline][metric] for round_ in per_round if side in round_ and baseline in round_]
+                ratios = [
+                    round_[side][metric] / round_[baseline][metric]
+                    for round_ in per_round
+                    if side in round_ and baseline in round_
+                ]
                 if ratios:
                     summary[side][f"{metric}_ratio_vs_{baseline}"] = statistics.median(ratios)
                     summary[side][f"{metric}_per_round_ratios_vs_{baseline}"] = ratios
@@ -453,7 +464,9 @@ def consistency_notes(rounds: list[dict[str, dict]]) -> list[str]:
             if result["step_tokens"] != reference_tokens:
                 notes.append(f"WARNING {side}: tokens per step differ from the other sides (different batches)")
             if result.get("tokenization_mismatches"):
-                notes.append(f"WARNING {side}: {result['tokenization_mismatches']} rows tokenized differently from posttrain")
+                notes.append(
+                    f"WARNING {side}: {result['tokenization_mismatches']} rows tokenized differently from posttrain"
+                )
             if result["losses"]:
                 losses.setdefault(side, result["losses"])
             if len(result["threads"]) != 1:
@@ -490,7 +503,8 @@ def print_table(summary: dict, sides: list[str]) -> None:
             f"{side:<18} {row['steps']:>5} {row['tokens_per_second']:>9.1f} {row['seconds_per_step']:>8.2f} "
             f"{ratio(row, 'tokens_per_second', 'trl'):>7} {ratio(row, 'tokens_per_second', 'trl-padding-free'):>9} | "
             f"{row['tokens_per_cpu_second']:>9.1f} {row['cpu_seconds_per_step']:>10.2f} "
-            f"{ratio(row, 'tokens_per_cpu_second', 'trl'):>7} {ratio(row, 'tokens_per_cpu_second', 'trl-padding-free'):>9}"
+            f"{ratio(row, 'tokens_per_cpu_second', 'trl'):>7} "
+            f"{ratio(row, 'tokens_per_cpu_second', 'trl-padding-free'):>9}"
         )
     print(
         "tokens = non-pad input tokens (prompt + response); tokens/s by wall clock (the headline), tok/cpu-s by the "
@@ -509,7 +523,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--intermediate-size", type=int, default=1536)
-    parser.add_argument("--vocab-size", type=int, default=32000, help="BPE tokenizer size (model vocab rounds up to x64)")
+    parser.add_argument(
+        "--vocab-size", type=int, default=32000, help="BPE tokenizer size (model vocab rounds up to x64)"
+    )
     parser.add_argument("--max-length", type=int, default=512, help="longest conversation in tokens")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step (accumulation 1)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads in every side")
@@ -517,7 +533,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--corpus-words", type=int, default=1_000_000, help="words of tokenizer training text")
     parser.add_argument("--workdir", type=Path, help="keep model, data and child logs here (default: a temp dir)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    parser.add_argument("--smoke", action="store_true", help="tiny model and data, posttrain vs trl, 1 thread, < 60 s idle")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny model and data, posttrain vs trl, 1 thread, < 60 s idle"
+    )
     parser.add_argument("--child", choices=list(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -570,7 +588,9 @@ def main(argv=None) -> None:
     if args.out:
         settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
         spec.pop("order")
-        args.out.write_text(json.dumps({"settings": settings, "spec": spec, "summary": summary, "rounds": rounds}, indent=2))
+        args.out.write_text(
+            json.dumps({"settings": settings, "spec": spec, "summary": summary, "rounds": rounds}, indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -64,8 +64,15 @@ def make_row(expression: str, answer: int, steps: list[str] | None = None) -> di
 
 
 @register_task("arithmetic")
-def arithmetic(split: str, num_examples: int, seed: int, max_digits: int = 2, operations: str = "+-", steps: bool = False,
-               noise: float = 0.0) -> list[dict]:
+def arithmetic(
+    split: str,
+    num_examples: int,
+    seed: int,
+    max_digits: int = 2,
+    operations: str = "+-",
+    steps: bool = False,
+    noise: float = 0.0,
+) -> list[dict]:
     """`num_examples` distinct problems with up to `max_digits`-digit operands.
 
     operations: "+-" (addition and subtraction), "+" or "-". steps=True writes the answer as column
@@ -73,8 +80,8 @@ def arithmetic(split: str, num_examples: int, seed: int, max_digits: int = 2, op
     token then depends on a few earlier ones, which a 2-layer model can learn.
 
     noise (train split, steps=True only): the share of demonstrations with a carry out of the units column
-    into a tens column whose work forgets that carry (and follows the mistake through to a wrong "####" line), a systematic
-    annotator error as in noisy human- or model-written SFT data. With noise > 0.5 the forgotten carry is
+    into a tens column whose work forgets that carry (and follows the mistake through to a wrong "####" line),
+    a systematic annotator error as in noisy human- or model-written SFT data. With noise > 0.5 the forgotten carry is
     the majority: a model trained on it answers such problems wrong even greedily, and only a training
     signal tied to the true answer (preferences, a verifier) can fix it. "ground_truth" stays the correct
     answer; the held-out split is always clean; noise=0 leaves the rows exactly as without it.
@@ -92,7 +99,9 @@ def arithmetic(split: str, num_examples: int, seed: int, max_digits: int = 2, op
     want_held_out = split == "eval"
     capacity = len(operations) * (10**max_digits) ** 2 // HELD_OUT_BUCKETS
     if want_held_out and num_examples > capacity // 2:
-        raise ValueError(f"only ~{capacity} held-out {max_digits}-digit problems exist; ask for at most {capacity // 2}")
+        raise ValueError(
+            f"only ~{capacity} held-out {max_digits}-digit problems exist; ask for at most {capacity // 2}"
+        )
     rng = random.Random(f"arithmetic:{seed}:{split}")
     noise_rng = random.Random(f"arithmetic-noise:{seed}")  # separate, so noise=0 draws the same problems
     rows, seen = [], set()

@@ -26,9 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from posttrain.data.sources import SourceRow, read_file
 from posttrain.errors import DataError
@@ -88,9 +89,13 @@ class EvalSetReport:
     examples: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"eval_rows": self.eval_rows, "eval_rows_too_short": self.eval_rows_too_short,
-                "matched_train_rows": self.matched_train_rows, "matched_eval_rows": len(self.matched_eval_rows),
-                "examples": self.examples}
+        return {
+            "eval_rows": self.eval_rows,
+            "eval_rows_too_short": self.eval_rows_too_short,
+            "matched_train_rows": self.matched_train_rows,
+            "matched_eval_rows": len(self.matched_eval_rows),
+            "examples": self.examples,
+        }
 
 
 def build_eval_index(eval_sets: dict[str, list[SourceRow]], n: int, all_turns: bool = False):
@@ -108,8 +113,13 @@ def build_eval_index(eval_sets: dict[str, list[SourceRow]], n: int, all_turns: b
     return index, reports
 
 
-def decontaminate(train_rows: list[SourceRow], eval_sets: dict[str, list[SourceRow]], n: int = DEFAULT_NGRAM,
-                  all_turns: bool = False, max_examples: int = 10) -> tuple[list[SourceRow], dict]:
+def decontaminate(
+    train_rows: list[SourceRow],
+    eval_sets: dict[str, list[SourceRow]],
+    n: int = DEFAULT_NGRAM,
+    all_turns: bool = False,
+    max_examples: int = 10,
+) -> tuple[list[SourceRow], dict]:
     """(the training rows that share no n-gram with any eval set, the report as a dict)."""
     if n < 1:
         raise DataError(f"--ngram must be >= 1, got {n}")
@@ -130,8 +140,13 @@ def decontaminate(train_rows: list[SourceRow], eval_sets: dict[str, list[SourceR
             report.matched_train_rows += 1
             if len(report.examples) < max_examples:
                 report.examples.append({"train_id": row_id(source_row), "eval_id": eval_id, "ngram": " ".join(gram)})
-    summary = {"ngram": n, "train_rows": len(train_rows), "kept_rows": len(kept), "removed_rows": len(train_rows) - len(kept),
-               "eval_sets": {name: report.as_dict() for name, report in reports.items()}}
+    summary = {
+        "ngram": n,
+        "train_rows": len(train_rows),
+        "kept_rows": len(kept),
+        "removed_rows": len(train_rows) - len(kept),
+        "eval_sets": {name: report.as_dict() for name, report in reports.items()},
+    }
     return kept, summary
 
 
@@ -143,7 +158,7 @@ def read_rows(path: Path, what: str) -> list[SourceRow]:
 
 
 def parse_eval_argument(value: str) -> tuple[str, Path]:
-    """"name=path" (or a bare path, named by its stem)."""
+    """ "name=path" (or a bare path, named by its stem)."""
     name, sep, path = value.partition("=")
     if not sep:
         return Path(value).stem, Path(value)
@@ -162,7 +177,9 @@ def write_jsonl(path: Path, rows: Iterable[Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="posttrain decontaminate", description=__doc__.splitlines()[0])
     parser.add_argument("--train", required=True, type=Path, help="training rows (.jsonl / .json / .parquet)")
-    parser.add_argument("--eval", required=True, action="append", metavar="NAME=FILE", help="an eval set; repeat for several")
+    parser.add_argument(
+        "--eval", required=True, action="append", metavar="NAME=FILE", help="an eval set; repeat for several"
+    )
     parser.add_argument("--ngram", type=int, default=DEFAULT_NGRAM, help=f"words per n-gram (default {DEFAULT_NGRAM})")
     parser.add_argument("--out", required=True, type=Path, help="the training rows left, as JSONL")
     parser.add_argument("--report", type=Path, help="the per-eval-set report (JSON); printed when omitted")
@@ -186,8 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(json.dumps(report, indent=2))
     for name, section in report["eval_sets"].items():
-        print(f"{name}: {section['matched_train_rows']} training rows match ({section['matched_eval_rows']} of "
-              f"{section['eval_rows']} eval rows found; {section['eval_rows_too_short']} too short to check)")
+        print(
+            f"{name}: {section['matched_train_rows']} training rows match ({section['matched_eval_rows']} of "
+            f"{section['eval_rows']} eval rows found; {section['eval_rows_too_short']} too short to check)"
+        )
     print(f"kept {report['kept_rows']} of {report['train_rows']} training rows -> {args.out}")
     return 0
 

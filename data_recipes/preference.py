@@ -47,7 +47,13 @@ PLAYERS = ("Ann", "Ben", "Cara", "Dan", "Eva", "Finn", "Gia", "Hugo", "Ida", "Ja
 # ignore. With 5-digit round numbers in two phrasings (the first version) recipe=tiny_gpm_cyclic reached
 # 0.85-0.99 held out depending on the seed; with these prompts 1.0 on every seed tried.
 PROMPT_TEMPLATES = ("{player} and {opponent} play the {game} game.",)
-PHRASED_RESPONSES = ("I play {move}.", "My move: {move}.", "{move}!", "I choose {move}, of course.", "Let me go with {move}.")
+PHRASED_RESPONSES = (
+    "I play {move}.",
+    "My move: {move}.",
+    "{move}!",
+    "I choose {move}, of course.",
+    "Let me go with {move}.",
+)
 ORDERS = ("cyclic", "transitive")
 
 
@@ -83,7 +89,10 @@ def arithmetic_mistakes(expression: str, answer: int, rng: random.Random) -> dic
         carry = answer + 10  # forgot to borrow
     else:
         carry = answer + 10 if answer < 10 else answer - 10
-    wrong = {"off_by_one": _answer_text(expression, answer + rng.choice((-1, 1))), "carry": _answer_text(expression, carry)}
+    wrong = {
+        "off_by_one": _answer_text(expression, answer + rng.choice((-1, 1))),
+        "carry": _answer_text(expression, carry),
+    }
     if rng.random() < 0.5:
         a_read, b_read = _misread(a, rng), b
     else:
@@ -145,8 +154,15 @@ def _pair_row(question: str, chosen: str, rejected: str, answer: int, kind: str)
 
 
 @register_task("arithmetic_preference")
-def arithmetic_preference(split: str, num_examples: int, seed: int, max_digits: int = 2, operations: str = "+-",
-                          steps: bool = False, mistakes: list[str] | tuple[str, ...] = MISTAKE_KINDS) -> list[dict]:
+def arithmetic_preference(
+    split: str,
+    num_examples: int,
+    seed: int,
+    max_digits: int = 2,
+    operations: str = "+-",
+    steps: bool = False,
+    mistakes: list[str] | tuple[str, ...] = MISTAKE_KINDS,
+) -> list[dict]:
     """`num_examples` pairs over distinct problems (train and eval problems never overlap, as in the
     arithmetic task); each rejected answer makes one mistake drawn uniformly from `mistakes`.
 
@@ -209,8 +225,10 @@ def game_prompts(split: str, num_prompts: int, seed: int, task: str):
         attempts += 1
         if attempts > 200 * num_prompts + 10_000:
             available = len(PLAYERS) * (len(PLAYERS) - 1) * len(CYCLIC_GAMES) * len(PROMPT_TEMPLATES)
-            raise ValueError(f"could not draw {num_prompts} distinct {split} prompts ({available} exist over both splits, "
-                             f"about 1 in 5 held out); ask for fewer examples")
+            raise ValueError(
+                f"could not draw {num_prompts} distinct {split} prompts ({available} exist over both splits, "
+                f"about 1 in 5 held out); ask for fewer examples"
+            )
         game = rng.choice(sorted(CYCLIC_GAMES))
         player, opponent = rng.sample(PLAYERS, 2)
         prompt = rng.choice(PROMPT_TEMPLATES).format(player=player, opponent=opponent, game=game)
@@ -222,7 +240,9 @@ def game_prompts(split: str, num_prompts: int, seed: int, task: str):
 
 
 @register_task("cyclic_preference")
-def cyclic_preference(split: str, num_examples: int, seed: int, order: str = "cyclic", phrased: bool = False) -> list[dict]:
+def cyclic_preference(
+    split: str, num_examples: int, seed: int, order: str = "cyclic", phrased: bool = False
+) -> list[dict]:
     """`num_examples` pairs (3 per prompt, rounded down to whole prompts); held-out prompts are disjoint."""
     order_pairs(CYCLIC_GAMES["hand"], order)  # a bad order fails before any drawing
     prompts, rng = game_prompts(split, num_examples // 3, seed, "cyclic_preference")
@@ -233,12 +253,14 @@ def cyclic_preference(split: str, num_examples: int, seed: int, order: str = "cy
     rows = []
     for prompt, game in prompts:
         for winner, loser in order_pairs(CYCLIC_GAMES[game], order):
-            rows.append({
-                "prompt": [{"role": "user", "content": prompt}],
-                "chosen": [{"role": "assistant", "content": response(winner)}],
-                "rejected": [{"role": "assistant", "content": response(loser)}],
-                "subset": game,
-            })
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": prompt}],
+                    "chosen": [{"role": "assistant", "content": response(winner)}],
+                    "rejected": [{"role": "assistant", "content": response(loser)}],
+                    "subset": game,
+                }
+            )
     return rows
 
 
@@ -249,20 +271,32 @@ def game_moves(split: str, num_examples: int, seed: int) -> list[dict]:
     rows = []
     for prompt, game in prompts:
         user = {"role": "user", "content": prompt}
-        rows.append({"messages": [user, {"role": "assistant", "content": rng.choice(CYCLIC_GAMES[game])}], "prompt": [user], "subset": game})
+        rows.append(
+            {
+                "messages": [user, {"role": "assistant", "content": rng.choice(CYCLIC_GAMES[game])}],
+                "prompt": [user],
+                "subset": game,
+            }
+        )
     return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", default="arithmetic_preference", choices=["arithmetic_preference", "cyclic_preference", "game_moves"])
+    parser.add_argument(
+        "--task", default="arithmetic_preference", choices=["arithmetic_preference", "cyclic_preference", "game_moves"]
+    )
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--num-train", type=int, default=2000)
     parser.add_argument("--num-eval", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    generate = {"arithmetic_preference": arithmetic_preference, "cyclic_preference": cyclic_preference, "game_moves": game_moves}[args.task]
+    generate = {
+        "arithmetic_preference": arithmetic_preference,
+        "cyclic_preference": cyclic_preference,
+        "game_moves": game_moves,
+    }[args.task]
     for split, count in (("train", args.num_train), ("eval", args.num_eval)):
         path = args.out / f"{args.task}_{split}.jsonl"
         path.write_text("".join(json.dumps(row) + "\n" for row in generate(split, count, args.seed)))

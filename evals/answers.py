@@ -8,7 +8,7 @@ and their tasks report no majority vote.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from posttrain.registry import Registry
 

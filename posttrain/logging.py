@@ -75,14 +75,19 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}}
+        record = {
+            "step": step,
+            **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()},
+        }
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
         if self.progress is not None:
             self.progress.update(step - self.progress.n)
-            self.progress.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "lr", "reward_mean", "accuracy")})
+            self.progress.set_postfix(
+                {k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "lr", "reward_mean", "accuracy")}
+            )
 
     def close(self) -> None:
         if self.progress is not None:

@@ -27,8 +27,13 @@ from posttrain.errors import ConfigError, PosttrainError
 log = logging.getLogger("posttrain")
 
 # Curves plotted per stage: the metric each algorithm exists to move, first one present wins.
-STAGE_CURVES = {"sft": ("loss",), "dpo": ("rewards/accuracy", "loss"), "rm": ("accuracy", "loss"),
-                "rlvr": ("reward_mean",), "gpo": ("score_vs_initial", "loss")}
+STAGE_CURVES = {
+    "sft": ("loss",),
+    "dpo": ("rewards/accuracy", "loss"),
+    "rm": ("accuracy", "loss"),
+    "rlvr": ("reward_mean",),
+    "gpo": ("score_vs_initial", "loss"),
+}
 
 
 class StageFailed(PosttrainError):
@@ -51,8 +56,10 @@ def check_config(cfg) -> None:
     for stage in algo.stages:
         bad = [o for o in stage.overrides if o.split("=", 1)[0].lstrip("+") in ("run_dir", "model.path")]
         if bad:
-            raise ConfigError(f"algo.stages[{stage.name}].overrides sets {bad}: the pipeline sets run_dir and model.path itself "
-                              "(use algo.initial_model for the first stage's model)")
+            raise ConfigError(
+                f"algo.stages[{stage.name}].overrides sets {bad}: the pipeline sets run_dir and model.path itself "
+                "(use algo.initial_model for the first stage's model)"
+            )
 
 
 def posttrain_command(launcher: list[str], *arguments: str) -> list[str]:
@@ -72,9 +79,25 @@ def run_logged(command: list[str], log_path: Path, what: str) -> None:
 
 
 def eval_arguments(eval_cfg, model_dir: Path, out: Path) -> list[str]:
-    arguments = ["eval", "--model", str(model_dir), "--num", str(eval_cfg.num), "--samples", str(eval_cfg.samples),
-                 "--temperature", str(eval_cfg.temperature), "--max-tokens", str(eval_cfg.max_tokens),
-                 "--backend", eval_cfg.backend, "--seed", str(eval_cfg.seed), "--out", str(out)]
+    arguments = [
+        "eval",
+        "--model",
+        str(model_dir),
+        "--num",
+        str(eval_cfg.num),
+        "--samples",
+        str(eval_cfg.samples),
+        "--temperature",
+        str(eval_cfg.temperature),
+        "--max-tokens",
+        str(eval_cfg.max_tokens),
+        "--backend",
+        eval_cfg.backend,
+        "--seed",
+        str(eval_cfg.seed),
+        "--out",
+        str(out),
+    ]
     for task in eval_cfg.tasks:
         arguments += ["--task", task]
     return arguments
@@ -91,11 +114,16 @@ def run_stage(cfg, stage, model_path: str | None, root: Path) -> Path:
         arguments = [*stage.overrides, f"run_dir={stage_dir}", f"seed={cfg.seed}", "resume=auto"]
         if model_path:
             arguments.append(f"model.path={model_path}")
-        run_logged(posttrain_command(list(cfg.algo.launcher), *arguments), stage_dir / "stage.log", f"stage {stage.name}")
+        run_logged(
+            posttrain_command(list(cfg.algo.launcher), *arguments), stage_dir / "stage.log", f"stage {stage.name}"
+        )
     if not (stage_dir / "eval.json").is_file():
         # Evaluation runs single-process whatever the launcher: one engine reads the whole model.
-        run_logged(posttrain_command([], *eval_arguments(cfg.algo.eval, final, stage_dir / "eval.json.tmp")),
-                   stage_dir / "eval.log", f"eval {stage.name}")
+        run_logged(
+            posttrain_command([], *eval_arguments(cfg.algo.eval, final, stage_dir / "eval.json.tmp")),
+            stage_dir / "eval.log",
+            f"eval {stage.name}",
+        )
         os.replace(stage_dir / "eval.json.tmp", stage_dir / "eval.json")
     return final
 
@@ -103,8 +131,12 @@ def run_stage(cfg, stage, model_path: str | None, root: Path) -> Path:
 def stage_metrics(stage_dir: Path) -> dict[str, float]:
     """The eval metrics of one stage, flattened to `<task>/<metric>` (numbers only)."""
     results = json.loads((stage_dir / "eval.json").read_text())
-    return {f"{task}/{name}": value for task, metrics in results["tasks"].items() for name, value in metrics.items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "num_prompts"}
+    return {
+        f"{task}/{name}": value
+        for task, metrics in results["tasks"].items()
+        for name, value in metrics.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "num_prompts"
+    }
 
 
 def format_table(rows: list[tuple[str, dict[str, float]]]) -> str:
@@ -113,13 +145,19 @@ def format_table(rows: list[tuple[str, dict[str, float]]]) -> str:
     header = ["stage", *names]
     body = [[stage, *(f"{metrics[name]:.3f}" if name in metrics else "-" for name in names)] for stage, metrics in rows]
     widths = [max(len(line[column]) for line in [header, *body]) for column in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) if column == 0 else cell.rjust(width) for column, (cell, width) in enumerate(zip(line, widths)))
-             for line in [header, *body]]
+    lines = [
+        "  ".join(
+            cell.ljust(width) if column == 0 else cell.rjust(width)
+            for column, (cell, width) in enumerate(zip(line, widths))
+        )
+        for line in [header, *body]
+    ]
     return "\n".join([lines[0], "  ".join("-" * width for width in widths), *lines[1:]])
 
 
 def plot(root: Path, stages: list, rows: list[tuple[str, dict[str, float]]], metric: str) -> Path | None:
-    """pipeline.png: each stage's training curve, then `metric` per stage. Skipped (with a warning) without matplotlib."""
+    """pipeline.png: each stage's training curve, then `metric` per stage. Skipped (with a warning) without
+    matplotlib."""
     try:
         import matplotlib
 
@@ -133,8 +171,14 @@ def plot(root: Path, stages: list, rows: list[tuple[str, dict[str, float]]], met
     figure, axes = plt.subplots(1, len(stages) + 1, figsize=(4 * (len(stages) + 1), 3.2))
     for axis, stage in zip(axes, stages):
         records = read_metrics(root / stage.name)
-        name = next((key for key in STAGE_CURVES.get(stage_algo(root / stage.name), ("loss",))
-                     if any(key in r for r in records)), "loss")
+        name = next(
+            (
+                key
+                for key in STAGE_CURVES.get(stage_algo(root / stage.name), ("loss",))
+                if any(key in r for r in records)
+            ),
+            "loss",
+        )
         points = [(r["step"], r[name]) for r in records if name in r]
         if points:
             axis.plot(*zip(*points))
@@ -163,8 +207,11 @@ def main(cfg) -> Path:
         initial_dir = root / "initial"
         initial_dir.mkdir(parents=True, exist_ok=True)
         if not (initial_dir / "eval.json").is_file():
-            run_logged(posttrain_command([], *eval_arguments(cfg.algo.eval, Path(model_path), initial_dir / "eval.json.tmp")),
-                       initial_dir / "eval.log", "eval initial")
+            run_logged(
+                posttrain_command([], *eval_arguments(cfg.algo.eval, Path(model_path), initial_dir / "eval.json.tmp")),
+                initial_dir / "eval.log",
+                "eval initial",
+            )
             os.replace(initial_dir / "eval.json.tmp", initial_dir / "eval.json")
         rows.append(("initial", stage_metrics(initial_dir)))
     for stage in cfg.algo.stages:
@@ -173,8 +220,13 @@ def main(cfg) -> Path:
         log.info("stage %s: %s", stage.name, json.dumps(rows[-1][1]))
     table = format_table(rows)
     print(table, flush=True)
-    (root / "pipeline.json").write_text(json.dumps({"stages": [{"stage": s, **m} for s, m in rows],
-                                                    "config": OmegaConf.to_container(cfg.algo, resolve=True)}, indent=2) + "\n")
+    (root / "pipeline.json").write_text(
+        json.dumps(
+            {"stages": [{"stage": s, **m} for s, m in rows], "config": OmegaConf.to_container(cfg.algo, resolve=True)},
+            indent=2,
+        )
+        + "\n"
+    )
     picture = plot(root, list(cfg.algo.stages), rows, cfg.algo.plot_metric)
     log.info("pipeline done: %s%s", root / "pipeline.json", f", {picture}" if picture else "")
     return root

@@ -6,7 +6,8 @@ known ones.
 
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from posttrain.errors import ConfigError
 

@@ -1,10 +1,10 @@
 """The run directory contract shared by every trainer.
 
-    run_dir/config.yaml           the resolved config
-    run_dir/metrics.jsonl         one JSON object per logged step
-    run_dir/tokenizer/            the locally trained tokenizer (tiny model only)
-    run_dir/checkpoints/step_<N>/ atomic checkpoints (engine shards, RNG, trainer state)
-    run_dir/final/                a Hugging Face model directory (safetensors, tokenizer, chat template)
+run_dir/config.yaml           the resolved config
+run_dir/metrics.jsonl         one JSON object per logged step
+run_dir/tokenizer/            the locally trained tokenizer (tiny model only)
+run_dir/checkpoints/step_<N>/ atomic checkpoints (engine shards, RNG, trainer state)
+run_dir/final/                a Hugging Face model directory (safetensors, tokenizer, chat template)
 """
 
 from __future__ import annotations

@@ -6,11 +6,10 @@ Trainers do not import each other; what two of them need lives here.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
-
-from pathlib import Path
 
 from posttrain.data.batching import StepPlan
 from posttrain.data.preference import PairBatch, build_preference_examples, preference_texts, sequence_logprob_sums

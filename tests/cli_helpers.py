@@ -24,7 +24,9 @@ def posttrain_command(*overrides) -> list[str]:
 
 
 def run_posttrain(*overrides, cwd=None, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run(posttrain_command(*overrides), cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        posttrain_command(*overrides), cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def compose_config(overrides: list[str]):

@@ -4,11 +4,10 @@ import json
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 import yaml
+from cli_helpers import compose_config, run_posttrain
+from omegaconf import OmegaConf
 
-from cli_helpers import run_posttrain
-from cli_helpers import compose_config
 from posttrain.cli import CONF_DIR, run
 
 FAST = ["data.num_train=64", "data.num_eval=8", "logger.progress_bar=false", "train.max_steps=2"]
@@ -48,15 +47,26 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
-GOOD = {"messages": [{"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": "1 + 1 = 2\n#### 2"}]}
+GOOD = {
+    "messages": [{"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": "1 + 1 = 2\n#### 2"}]
+}
 
 BAD_INPUTS = {
     "missing_file": (None, "does not exist"),
     "no_messages": ([GOOD, {"text": "hello"}], 'row 2 of {file} has no "messages" field'),
-    "unknown_role": ([GOOD, GOOD, {"messages": [{"role": "bot", "content": "x"}]}], "row 3 of {file}: message 0 has unknown role 'bot'"),
-    "no_assistant": ([{"messages": [{"role": "user", "content": "hi"}]}], "row 1 of {file}: the conversation has no assistant turn"),
+    "unknown_role": (
+        [GOOD, GOOD, {"messages": [{"role": "bot", "content": "x"}]}],
+        "row 3 of {file}: message 0 has unknown role 'bot'",
+    ),
+    "no_assistant": (
+        [{"messages": [{"role": "user", "content": "hi"}]}],
+        "row 1 of {file}: the conversation has no assistant turn",
+    ),
     "empty_dataset": ([], "the train data ({file}) holds no rows"),
-    "too_long": ([GOOD, {"messages": [{"role": "user", "content": "7 " * 400}, {"role": "assistant", "content": "ok"}]}], "row 2 of {file} has"),
+    "too_long": (
+        [GOOD, {"messages": [{"role": "user", "content": "7 " * 400}, {"role": "assistant", "content": "ok"}]}],
+        "row 2 of {file} has",
+    ),
     "bad_json": ([GOOD, "{not json"], "line 2 of {file} is not valid JSON"),
 }
 
@@ -71,7 +81,9 @@ def test_bad_input_gets_one_clear_error_and_keeps_the_run_dir(case, tmp_path, ca
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     (run_dir / "config.yaml").write_text("earlier: run\n")
-    cfg = compose_config(["data=jsonl", f"data.train_files=[{data_file}]", "data.max_length=64", f"run_dir={run_dir}", *FAST])
+    cfg = compose_config(
+        ["data=jsonl", f"data.train_files=[{data_file}]", "data.max_length=64", f"run_dir={run_dir}", *FAST]
+    )
     with pytest.raises(SystemExit) as exit_info:
         run(cfg)
     assert exit_info.value.code == 2
@@ -82,19 +94,25 @@ def test_bad_input_gets_one_clear_error_and_keeps_the_run_dir(case, tmp_path, ca
 
 
 def test_bad_rows_can_be_skipped_and_counted(tmp_path):
-    data_file = write_jsonl(tmp_path / "train.jsonl", [GOOD] * 16 + [{"text": "x"}, {"messages": [{"role": "user", "content": "q"}]}])
+    data_file = write_jsonl(
+        tmp_path / "train.jsonl", [GOOD] * 16 + [{"text": "x"}, {"messages": [{"role": "user", "content": "q"}]}]
+    )
     from posttrain.data.sft import build_sft_examples
     from posttrain.data.sources import load_rows
     from posttrain.models.tokenizer import train_tokenizer
 
-    cfg = compose_config(["data=jsonl", f"data.train_files=[{data_file}]", "data.on_bad_row=skip", f"run_dir={tmp_path}"])
+    cfg = compose_config(
+        ["data=jsonl", f"data.train_files=[{data_file}]", "data.on_bad_row=skip", f"run_dir={tmp_path}"]
+    )
     tokenizer = train_tokenizer(["What is 1 + 1? 2"], 300)
     examples, skipped = build_sft_examples(load_rows(cfg.data, "train"), tokenizer, cfg.data, "train")
     assert len(examples) == 16 and skipped.bad_row == 2
 
 
 def test_bad_input_from_the_command_line_prints_no_traceback(tmp_path):
-    result = run_posttrain("data=jsonl", f"data.train_files=[{tmp_path / 'nope.jsonl'}]", f"run_dir={tmp_path / 'run'}", timeout=300)
+    result = run_posttrain(
+        "data=jsonl", f"data.train_files=[{tmp_path / 'nope.jsonl'}]", f"run_dir={tmp_path / 'run'}", timeout=300
+    )
     assert result.returncode == 2
     assert f"data file {tmp_path / 'nope.jsonl'} does not exist" in result.stderr
     assert "Traceback" not in result.stderr

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from cli_helpers import compose_config, run_posttrain
+
 from posttrain import pipeline
 from posttrain.errors import ConfigError
 
@@ -21,11 +21,14 @@ def test_default_pipeline_chains_sft_dpo_rlvr(tmp_path):
         assert stage_cfg.algo.name == stage.name
 
 
-@pytest.mark.parametrize("stages, message", [
-    ("[]", "algo.stages is empty"),
-    ("[{name: a, overrides: []}, {name: a, overrides: []}]", "must be unique"),
-    ("[{name: a, overrides: ['run_dir=x']}]", "sets \\['run_dir=x'\\]"),
-])
+@pytest.mark.parametrize(
+    "stages, message",
+    [
+        ("[]", "algo.stages is empty"),
+        ("[{name: a, overrides: []}, {name: a, overrides: []}]", "must be unique"),
+        ("[{name: a, overrides: ['run_dir=x']}]", "sets \\['run_dir=x'\\]"),
+    ],
+)
 def test_bad_stage_lists_fail_before_anything_runs(tmp_path, stages, message):
     cfg = pipeline_config(tmp_path, f"algo.stages={stages}")
     with pytest.raises(ConfigError, match=message):
@@ -48,7 +51,11 @@ def fake_stage_runner(calls):
         else:
             out = pipeline.Path(command[command.index("--out") + 1])
             accuracy = 0.1 * len(calls)
-            out.write_text(json.dumps({"tasks": {"arithmetic": {"num_prompts": 8, "pass@1": accuracy, "greedy_accuracy": accuracy}}}))
+            out.write_text(
+                json.dumps(
+                    {"tasks": {"arithmetic": {"num_prompts": 8, "pass@1": accuracy, "greedy_accuracy": accuracy}}}
+                )
+            )
 
     return run_logged
 
@@ -83,18 +90,42 @@ def test_a_failing_stage_names_its_log(tmp_path):
 @pytest.mark.integration
 def test_tiny_pipeline_end_to_end_writes_table_json_and_plot(tmp_path):
     """The real thing at a toy budget through the CLI: three stage processes, three evals, the table and the PNG."""
-    def stage(name, *overrides):
-        return "{name: %s, overrides: [%s]}" % (name, ", ".join(f"'{o}'" for o in overrides))
 
-    stages = "[" + ", ".join([
-        stage("sft", "algo=sft", "train.max_steps=20", "data.num_train=320", "data.num_eval=0"),
-        stage("dpo", "recipe=tiny_dpo", "train.max_steps=3", "data.num_train=48", "data.num_eval=0"),
-        stage("rlvr", "algo=rlvr", "train.max_steps=2", "algo.prompts_per_step=4", "algo.sampling.n=4", "algo.sampling.max_tokens=16",
-              "data.num_eval=0", "rollout=hf"),
-    ]) + "]"
-    result = run_posttrain("algo=pipeline", f"run_dir={tmp_path / 'pipe'}", f"algo.stages={stages}", "algo.eval.num=8",
-                           "algo.eval.samples=2", "algo.eval.max_tokens=16", "algo.eval.backend=hf", "logger.progress_bar=false",
-                           timeout=900)
+    def stage(name, *overrides):
+        quoted = ", ".join(f"'{o}'" for o in overrides)
+        return f"{{name: {name}, overrides: [{quoted}]}}"
+
+    stages = (
+        "["
+        + ", ".join(
+            [
+                stage("sft", "algo=sft", "train.max_steps=20", "data.num_train=320", "data.num_eval=0"),
+                stage("dpo", "recipe=tiny_dpo", "train.max_steps=3", "data.num_train=48", "data.num_eval=0"),
+                stage(
+                    "rlvr",
+                    "algo=rlvr",
+                    "train.max_steps=2",
+                    "algo.prompts_per_step=4",
+                    "algo.sampling.n=4",
+                    "algo.sampling.max_tokens=16",
+                    "data.num_eval=0",
+                    "rollout=hf",
+                ),
+            ]
+        )
+        + "]"
+    )
+    result = run_posttrain(
+        "algo=pipeline",
+        f"run_dir={tmp_path / 'pipe'}",
+        f"algo.stages={stages}",
+        "algo.eval.num=8",
+        "algo.eval.samples=2",
+        "algo.eval.max_tokens=16",
+        "algo.eval.backend=hf",
+        "logger.progress_bar=false",
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     root = tmp_path / "pipe"
     summary = json.loads((root / "pipeline.json").read_text())

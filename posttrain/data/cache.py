@@ -19,8 +19,9 @@ import json
 import logging
 import os
 import pickle
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,9 @@ def rows_fingerprint(rows: Iterable) -> str:
     """BLAKE2 over every `SourceRow`'s source, row number and content (canonical JSON), in order."""
     digest = hashlib.blake2b(digest_size=32)
     for source_row in rows:
-        digest.update(json.dumps([source_row.source, source_row.index, source_row.row], sort_keys=True, default=str).encode())
+        digest.update(
+            json.dumps([source_row.source, source_row.index, source_row.row], sort_keys=True, default=str).encode()
+        )
         digest.update(b"\n")
     return digest.hexdigest()
 
@@ -75,19 +78,21 @@ def load_or_build(path: Path, build: Callable[[], Any]) -> tuple[Any, bool]:
 
 def tokenized_cache_key(kind: str, rows: list, tokenizer, data_cfg) -> str:
     """Key of a tokenised split: the builder `kind` ("sft", ...), rows, tokenizer and length settings."""
-    return content_hash({
-        "format": TOKENIZED_CACHE_FORMAT,
-        "kind": kind,
-        "rows": rows_fingerprint(rows),
-        "num_rows": len(rows),
-        "tokenizer_vocab": tokenizer_fingerprint(tokenizer),
-        "tokenizer_class": type(tokenizer).__name__,
-        "chat_template": tokenizer.chat_template,
-        "special_tokens": {"bos": tokenizer.bos_token, "eos": tokenizer.eos_token, "pad": tokenizer.pad_token},
-        "max_length": data_cfg.max_length,
-        "truncation": data_cfg.truncation,
-        "on_bad_row": data_cfg.on_bad_row,
-    })
+    return content_hash(
+        {
+            "format": TOKENIZED_CACHE_FORMAT,
+            "kind": kind,
+            "rows": rows_fingerprint(rows),
+            "num_rows": len(rows),
+            "tokenizer_vocab": tokenizer_fingerprint(tokenizer),
+            "tokenizer_class": type(tokenizer).__name__,
+            "chat_template": tokenizer.chat_template,
+            "special_tokens": {"bos": tokenizer.bos_token, "eos": tokenizer.eos_token, "pad": tokenizer.pad_token},
+            "max_length": data_cfg.max_length,
+            "truncation": data_cfg.truncation,
+            "on_bad_row": data_cfg.on_bad_row,
+        }
+    )
 
 
 def cached_tokenization(kind: str, rows: list, tokenizer, data_cfg, build: Callable[[], Any]) -> Any:

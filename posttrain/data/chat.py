@@ -38,7 +38,9 @@ def validate_messages(row: Any, where: str, field: str = "messages", need_assist
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise DataError(f'{where}: message {turn} must be an object with "role" and "content"')
         if message["role"] not in ROLES:
-            raise DataError(f"{where}: message {turn} has unknown role {message['role']!r}; known roles: {', '.join(ROLES)}")
+            raise DataError(
+                f"{where}: message {turn} has unknown role {message['role']!r}; known roles: {', '.join(ROLES)}"
+            )
         if not isinstance(message["content"], str):
             raise DataError(f"{where}: message {turn} content must be a string")
     if need_assistant and not any(message["role"] == "assistant" for message in messages):
@@ -61,7 +63,10 @@ def tokenize_conversation(tokenizer, messages: list[dict], where: str = "convers
         start = len(render_ids(tokenizer, messages[:turn], add_generation_prompt=True))
         through = render_ids(tokenizer, messages[: turn + 1])
         if input_ids[: len(through)] != through:
-            raise DataError(f"{where}: the chat template does not render turn {turn} as a prefix of the whole conversation; assistant masks cannot be derived")
+            raise DataError(
+                f"{where}: the chat template does not render turn {turn} as a prefix of the whole conversation; "
+                f"assistant masks cannot be derived"
+            )
         end = len(through)
         # Stop at the turn's end-of-sequence token: template text after it (e.g. a newline) is not
         # something the model should learn to generate.
@@ -72,7 +77,9 @@ def tokenize_conversation(tokenizer, messages: list[dict], where: str = "convers
     return TokenizedExample(input_ids, labels)
 
 
-def apply_length_policy(example: TokenizedExample, max_length: int, truncation: str, where: str) -> TokenizedExample | None:
+def apply_length_policy(
+    example: TokenizedExample, max_length: int, truncation: str, where: str
+) -> TokenizedExample | None:
     """Enforce `max_length`: raise (error), cut (truncate) or drop (skip, returns None)."""
     if len(example.input_ids) <= max_length:
         return example

@@ -28,9 +28,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from posttrain.data.sources import SourceRow, read_file, read_hub
 from posttrain.errors import ConfigError, DataError
@@ -97,18 +98,31 @@ def parse_source(spec: Any, position: int) -> MixtureSource:
             "source: 0.5 = half, 2.0 = two copies) or count (a number of rows)"
         )
     if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
-        raise ConfigError(f"{label}: count={count!r} must be a whole number of rows >= 1 (for a share of the source use fraction)")
+        raise ConfigError(
+            f"{label}: count={count!r} must be a whole number of rows >= 1 (for a share of the source use fraction)"
+        )
     if fraction is not None:
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not fraction > 0:
             raise ConfigError(f"{label}: fraction={fraction!r} must be a number > 0 (1.0 = the whole source once)")
         if fraction > MAX_FRACTION:
-            raise ConfigError(f"{label}: fraction={fraction} repeats the source {fraction:g} times; did you mean count: {int(fraction)}?")
+            raise ConfigError(
+                f"{label}: fraction={fraction} repeats the source {fraction:g} times; did you mean count: "
+                f"{int(fraction)}?"
+            )
     num_examples = entry.get("num_examples")
     if kind == "generator" and fraction is not None and not num_examples:
-        raise ConfigError(f"{label}: a generator has no natural size; give count: N, or num_examples: N with the fraction")
+        raise ConfigError(
+            f"{label}: a generator has no natural size; give count: N, or num_examples: N with the fraction"
+        )
     return MixtureSource(
-        name=name, kind=kind, location=location, fraction=None if fraction is None else float(fraction), count=count,
-        split=entry.get("split") or "train", generator_kwargs=dict(entry.get("generator_kwargs") or {}), num_examples=num_examples,
+        name=name,
+        kind=kind,
+        location=location,
+        fraction=None if fraction is None else float(fraction),
+        count=count,
+        split=entry.get("split") or "train",
+        generator_kwargs=dict(entry.get("generator_kwargs") or {}),
+        num_examples=num_examples,
     )
 
 

@@ -75,11 +75,15 @@ def split_prompt(row, where: str) -> tuple[list[dict], list[dict], list[dict]]:
 
 def _check_response(prompt: list[dict], response: list[dict], where: str, name: str) -> None:
     if not prompt:
-        raise DataError(f"{where}: the pair has no prompt (no shared leading messages and no \"prompt\" field); {PREFERENCE_FORMAT}")
+        raise DataError(
+            f'{where}: the pair has no prompt (no shared leading messages and no "prompt" field); {PREFERENCE_FORMAT}'
+        )
     if not response:
-        raise DataError(f'{where}: the {name} response is empty (no message after the prompt)')
+        raise DataError(f"{where}: the {name} response is empty (no message after the prompt)")
     if response[0]["role"] != "assistant":
-        raise DataError(f"{where}: the {name} response must start with an assistant turn, found role {response[0]['role']!r}")
+        raise DataError(
+            f"{where}: the {name} response must start with an assistant turn, found role {response[0]['role']!r}"
+        )
     if not any(message["content"].strip() for message in response if message["role"] == "assistant"):
         raise DataError(f"{where}: the {name} response is empty (assistant content is blank)")
 
@@ -90,15 +94,22 @@ def validate_pair(row, where: str) -> tuple[list[dict], list[dict], list[dict]]:
     _check_response(prompt, chosen, where, "chosen")
     _check_response(prompt, rejected, where, "rejected")
     if chosen == rejected:
-        raise DataError(f"{where}: chosen and rejected responses are identical, so the pair carries no preference; drop the row")
+        raise DataError(
+            f"{where}: chosen and rejected responses are identical, so the pair carries no preference; drop the row"
+        )
     return prompt, chosen, rejected
 
 
-def tokenize_response(tokenizer, prompt: list[dict], response: list[dict], prompt_ids: list[int], where: str) -> TokenizedExample:
+def tokenize_response(
+    tokenizer, prompt: list[dict], response: list[dict], prompt_ids: list[int], where: str
+) -> TokenizedExample:
     """prompt + response rendered as SFT renders it; labels on the response only, cut after its last label."""
     example = tokenize_conversation(tokenizer, prompt + response, where)
     if example.input_ids[: len(prompt_ids)] != prompt_ids:
-        raise DataError(f"{where}: the chat template does not render the prompt as a prefix of prompt + response; cannot share the prompt")
+        raise DataError(
+            f"{where}: the chat template does not render the prompt as a prefix of prompt + response; cannot "
+            f"share the prompt"
+        )
     labels = [IGNORE_INDEX] * len(prompt_ids) + example.labels[len(prompt_ids) :]
     labelled = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
     if not labelled:
@@ -136,11 +147,15 @@ def tokenize_pair(source_row: SourceRow, tokenizer, data_cfg) -> PreferenceExamp
     if None in sequences:
         return None
     if sequences[0].input_ids == sequences[1].input_ids:
-        raise DataError(f"{where}: chosen and rejected render to identical tokens, so the pair carries no preference; drop the row")
+        raise DataError(
+            f"{where}: chosen and rejected render to identical tokens, so the pair carries no preference; drop the row"
+        )
     return PreferenceExample(sequences[0], sequences[1], len(prompt_ids))
 
 
-def build_preference_examples(rows: list[SourceRow], tokenizer, data_cfg, split: str) -> tuple[list[PreferenceExample], SkipCounts]:
+def build_preference_examples(
+    rows: list[SourceRow], tokenizer, data_cfg, split: str
+) -> tuple[list[PreferenceExample], SkipCounts]:
     """Tokenise every row; bad rows raise or are skipped and counted per `data.on_bad_row`."""
     if data_cfg.on_bad_row not in ("error", "skip"):
         raise DataError(f"data.on_bad_row={data_cfg.on_bad_row!r} is not one of error, skip")
@@ -160,10 +175,18 @@ def build_preference_examples(rows: list[SourceRow], tokenizer, data_cfg, split:
             continue
         examples.append(example)
     if skipped.total():
-        log.warning("%s preference data: skipped %d bad rows and %d over-long pairs (e.g. %s)",
-                    split, skipped.bad_row, skipped.too_long, "; ".join(skipped.examples))
+        log.warning(
+            "%s preference data: skipped %d bad rows and %d over-long pairs (e.g. %s)",
+            split,
+            skipped.bad_row,
+            skipped.too_long,
+            "; ".join(skipped.examples),
+        )
     if not examples:
-        raise DataError(f"the {split} preference data has {len(rows)} rows but none is usable" + ("; see the warnings above" if rows else ""))
+        raise DataError(
+            f"the {split} preference data has {len(rows)} rows but none is usable"
+            + ("; see the warnings above" if rows else "")
+        )
     return examples, skipped
 
 
@@ -175,7 +198,9 @@ def separator_tokens(tokenizer, separator: str) -> frozenset[int]:
         raise DataError("the step separator is empty; set it to the text that ends a step, e.g. '\\n'")
     found = frozenset(token_id for token_id in range(len(tokenizer)) if separator in tokenizer.decode([token_id]))
     if not found:
-        raise DataError(f"no token of the tokenizer contains the step separator {separator!r}; pick one the tokenizer can emit")
+        raise DataError(
+            f"no token of the tokenizer contains the step separator {separator!r}; pick one the tokenizer can emit"
+        )
     return found
 
 
@@ -190,7 +215,10 @@ def first_divergent_step(pair: PreferenceExample, separators: frozenset[int]) ->
     """
     chosen, rejected = pair.chosen, pair.rejected
     first = pair.prompt_length
-    while first < min(len(chosen.input_ids), len(rejected.input_ids)) and chosen.input_ids[first] == rejected.input_ids[first]:
+    while (
+        first < min(len(chosen.input_ids), len(rejected.input_ids))
+        and chosen.input_ids[first] == rejected.input_ids[first]
+    ):
         first += 1
     step_start = pair.prompt_length
     for position in range(first - 1, pair.prompt_length - 1, -1):
@@ -239,9 +267,14 @@ class PairBatch:
     def num_pairs(self) -> int:
         return self.last_index.shape[0] // 2
 
-    def to(self, device) -> "PairBatch":
-        return PairBatch({k: v.to(device) for k, v in self.inputs.items()}, self.segment_ids.to(device),
-                         self.last_index.to(device), self.prompt_index.to(device), self.response_lengths.to(device))
+    def to(self, device) -> PairBatch:
+        return PairBatch(
+            {k: v.to(device) for k, v in self.inputs.items()},
+            self.segment_ids.to(device),
+            self.last_index.to(device),
+            self.prompt_index.to(device),
+            self.response_lengths.to(device),
+        )
 
 
 def collate_pairs(pairs: list[PreferenceExample], packing: bool, pad_token_id: int) -> PairBatch:

@@ -30,7 +30,9 @@ def prompt_messages(row: dict, where: str) -> list[dict]:
     return messages
 
 
-def build_prompt_rows(rows: list[SourceRow], need_verifier: bool, known_verifiers: list[str] | None = None) -> list[PromptRow]:
+def build_prompt_rows(
+    rows: list[SourceRow], need_verifier: bool, known_verifiers: list[str] | None = None
+) -> list[PromptRow]:
     """Validated prompt rows; with `need_verifier`, each must name a known "verifier" and a "ground_truth"."""
     prompts = []
     for source_row in rows:

@@ -22,7 +22,9 @@ class SkipCounts:
         return self.bad_row + self.too_long
 
 
-def build_sft_examples(rows: list[SourceRow], tokenizer, data_cfg, split: str) -> tuple[list[TokenizedExample], SkipCounts]:
+def build_sft_examples(
+    rows: list[SourceRow], tokenizer, data_cfg, split: str
+) -> tuple[list[TokenizedExample], SkipCounts]:
     """Tokenise every row; bad rows raise or are skipped and counted per `data.on_bad_row`.
 
     With `data.cache_tokenized`, the result comes from (or goes to) the on-disk cache keyed by a hash of
@@ -31,11 +33,15 @@ def build_sft_examples(rows: list[SourceRow], tokenizer, data_cfg, split: str) -
     if getattr(data_cfg, "cache_tokenized", False):
         from posttrain.data.cache import cached_tokenization
 
-        return cached_tokenization("sft", rows, tokenizer, data_cfg, lambda: tokenize_sft_rows(rows, tokenizer, data_cfg, split))
+        return cached_tokenization(
+            "sft", rows, tokenizer, data_cfg, lambda: tokenize_sft_rows(rows, tokenizer, data_cfg, split)
+        )
     return tokenize_sft_rows(rows, tokenizer, data_cfg, split)
 
 
-def tokenize_sft_rows(rows: list[SourceRow], tokenizer, data_cfg, split: str) -> tuple[list[TokenizedExample], SkipCounts]:
+def tokenize_sft_rows(
+    rows: list[SourceRow], tokenizer, data_cfg, split: str
+) -> tuple[list[TokenizedExample], SkipCounts]:
     if data_cfg.on_bad_row not in ("error", "skip"):
         raise DataError(f"data.on_bad_row={data_cfg.on_bad_row!r} is not one of error, skip")
     examples, skipped = [], SkipCounts()
@@ -50,15 +56,25 @@ def tokenize_sft_rows(rows: list[SourceRow], tokenizer, data_cfg, split: str) ->
             if len(skipped.examples) < 3:
                 skipped.examples.append(str(error))
             continue
-        example = apply_length_policy(tokenize_conversation(tokenizer, messages, where), data_cfg.max_length, data_cfg.truncation, where)
+        example = apply_length_policy(
+            tokenize_conversation(tokenizer, messages, where), data_cfg.max_length, data_cfg.truncation, where
+        )
         if example is None:
             skipped.too_long += 1
             continue
         examples.append(example)
     if skipped.total():
-        log.warning("%s data: skipped %d bad rows and %d over-long rows (e.g. %s)", split, skipped.bad_row, skipped.too_long, "; ".join(skipped.examples))
+        log.warning(
+            "%s data: skipped %d bad rows and %d over-long rows (e.g. %s)",
+            split,
+            skipped.bad_row,
+            skipped.too_long,
+            "; ".join(skipped.examples),
+        )
     if not examples and rows:
-        raise DataError(f"the {split} data has {len(rows)} rows but none is usable (all were skipped); see the warnings above")
+        raise DataError(
+            f"the {split} data has {len(rows)} rows but none is usable (all were skipped); see the warnings above"
+        )
     if not examples:
         raise DataError(f"the {split} data is empty")
     return examples, skipped

@@ -33,7 +33,9 @@ def read_jsonl(path: Path) -> list[SourceRow]:
             try:
                 rows.append(SourceRow(str(path), line_number, json.loads(line)))
             except json.JSONDecodeError as error:
-                raise DataError(f"line {line_number} of {path} is not valid JSON ({error.msg}); expected one JSON object per line") from None
+                raise DataError(
+                    f"line {line_number} of {path} is not valid JSON ({error.msg}); expected one JSON object per line"
+                ) from None
     return rows
 
 
@@ -69,7 +71,8 @@ def read_source(name: str, split: str = "train") -> list[SourceRow]:
 
 
 def read_hub(name: str, split: str = "train", config_name: str | None = None) -> list[SourceRow]:
-    """Rows of the hub dataset `name` (`config_name`, `split`) via `datasets.load_dataset` (needs the hub or its cache)."""
+    """Rows of the hub dataset `name` (`config_name`, `split`) via `datasets.load_dataset` (needs the hub or its
+    cache)."""
     import datasets
 
     table = datasets.load_dataset(name, config_name, split=split)
@@ -85,7 +88,10 @@ def load_rows(data_cfg, split: str) -> list[SourceRow]:
     mixture = getattr(data_cfg, "mixture", None)
     if split == "train" and mixture:
         if data_cfg.train_files:
-            raise ConfigError("set data.mixture or data.train_files, not both (a file can be a mixture source: {file: ..., fraction: 1.0})")
+            raise ConfigError(
+                "set data.mixture or data.train_files, not both (a file can be a mixture source: "
+                "{file: ..., fraction: 1.0})"
+            )
         from posttrain.data.mixer import mix_sources
 
         return mix_sources(mixture, data_cfg.seed)

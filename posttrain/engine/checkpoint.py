@@ -99,7 +99,9 @@ def save_checkpoint(engine, run_dir: Path, step: int, trainer_state: dict[str, A
 
 def load_checkpoint(engine, path: Path) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and this rank's RNG from `path`; returns the trainer state."""
-    load_path, _ = engine.load_checkpoint(str(path), tag="engine", load_optimizer_states=True, load_lr_scheduler_states=True)
+    load_path, _ = engine.load_checkpoint(
+        str(path), tag="engine", load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
     trainer_state = json.loads((path / "trainer_state.json").read_text())

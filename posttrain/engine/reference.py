@@ -20,9 +20,9 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -105,8 +105,16 @@ def model_fingerprint(model_path: str | None, tiny: dict, seed: int) -> dict:
             ) from None
 
 
-def reference_cache_key(*, model: dict, examples: list[PreferenceExample], tokenizer, max_length: int, truncation: str,
-                        dtype: str, fused: bool) -> str:
+def reference_cache_key(
+    *,
+    model: dict,
+    examples: list[PreferenceExample],
+    tokenizer,
+    max_length: int,
+    truncation: str,
+    dtype: str,
+    fused: bool,
+) -> str:
     """SHA-256 over everything that changes the cached numbers (see the module docstring)."""
     vocab = tokenizer_fingerprint(tokenizer)
     parts = {
@@ -126,8 +134,9 @@ def reference_cache_key(*, model: dict, examples: list[PreferenceExample], token
 
 
 @torch.no_grad()
-def compute_reference_logprobs(model, examples: list[PreferenceExample], micro_batch_size: int, packing: bool,
-                               pad_token_id: int, device) -> ReferenceLogprobs:
+def compute_reference_logprobs(
+    model, examples: list[PreferenceExample], micro_batch_size: int, packing: bool, pad_token_id: int, device
+) -> ReferenceLogprobs:
     """Sums for every pair: this rank scores pairs rank, rank + world, ...; the shards are gathered."""
     from posttrain.training import pair_logprob_sums
 
@@ -150,8 +159,9 @@ def compute_reference_logprobs(model, examples: list[PreferenceExample], micro_b
     return ReferenceLogprobs(full_chosen, full_rejected)
 
 
-def cached_reference_logprobs(key: str, cache_dir: Path, num_pairs: int,
-                              compute: Callable[[], ReferenceLogprobs]) -> tuple[ReferenceLogprobs, bool]:
+def cached_reference_logprobs(
+    key: str, cache_dir: Path, num_pairs: int, compute: Callable[[], ReferenceLogprobs]
+) -> tuple[ReferenceLogprobs, bool]:
     """(log-probs, hit): read `<cache_dir>/<key>.pt`, or call `compute()` on every rank and write it (rank 0,
     atomically: a temporary file renamed into place, so a killed run never leaves a half file)."""
     path = Path(cache_dir) / f"{key}.pt"
@@ -187,8 +197,12 @@ def frozen_model(module: torch.nn.Module, zero_stage: int, dtype: str, offload_p
     zero = {"stage": 3}
     if offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero,
-              "bf16": {"enabled": dtype == "bfloat16"}, "fp16": {"enabled": dtype == "float16"}}
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "fp16": {"enabled": dtype == "float16"},
+    }
     engine, *_ = deepspeed.initialize(model=module, config=config)
     engine.eval()
     return engine

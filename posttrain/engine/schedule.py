@@ -27,4 +27,6 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, kind: str) -> 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float, kind: str):
     lr_multiplier(10**9, 1, 0, kind)  # validate the name now, not at the first step
     warmup_steps = int(round(warmup_ratio * total_steps))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, total_steps, warmup_steps, kind))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, total_steps, warmup_steps, kind)
+    )

@@ -11,5 +11,9 @@ register_loss = LOSSES.register
 get_loss = LOSSES.get
 
 # Importing the modules registers their losses.
-from posttrain.losses import sft  # noqa: E402,F401
-from posttrain.losses import dpo, policy, preference  # noqa: E402,F401
+from posttrain.losses import (  # noqa: E402,F401
+    dpo,
+    policy,
+    preference,
+    sft,  # noqa: E402,F401
+)

@@ -119,8 +119,13 @@ def dpo(
     (eps = label_smoothing; the conservative DPO of Mitchell 2023). Lengths are unused (may be None).
     Implicit rewards: beta * r_c, beta * r_r.
     """
-    _check_pair_inputs("dpo", policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
-                       reference_chosen_logps=reference_chosen_logps, reference_rejected_logps=reference_rejected_logps)
+    _check_pair_inputs(
+        "dpo",
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        reference_chosen_logps=reference_chosen_logps,
+        reference_rejected_logps=reference_rejected_logps,
+    )
     _require_reference("dpo", reference_chosen_logps, reference_rejected_logps)
     _check_label_smoothing("dpo", label_smoothing)
     chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps)
@@ -148,14 +153,21 @@ def dpo_norm(
     loss = mean_pairs[ -(1 - eps) log sigma(beta d) - eps log sigma(-beta d) ].
     Implicit rewards: beta * r_c, beta * r_r (per-token averages).
     """
-    _check_pair_inputs("dpo_norm", policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
-                       reference_chosen_logps=reference_chosen_logps, reference_rejected_logps=reference_rejected_logps,
-                       chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    _check_pair_inputs(
+        "dpo_norm",
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        reference_chosen_logps=reference_chosen_logps,
+        reference_rejected_logps=reference_rejected_logps,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+    )
     _require_reference("dpo_norm", reference_chosen_logps, reference_rejected_logps)
     _check_label_smoothing("dpo_norm", label_smoothing)
     chosen_ratio = _average("dpo_norm", policy_chosen_logps - reference_chosen_logps, chosen_lengths, "chosen_lengths")
-    rejected_ratio = _average("dpo_norm", policy_rejected_logps - reference_rejected_logps, rejected_lengths,
-                              "rejected_lengths")
+    rejected_ratio = _average(
+        "dpo_norm", policy_rejected_logps - reference_rejected_logps, rejected_lengths, "rejected_lengths"
+    )
     chosen_rewards, rejected_rewards = beta * chosen_ratio, beta * rejected_ratio
     loss = _smoothed_sigmoid_loss(chosen_rewards - rejected_rewards, label_smoothing).mean()
     return loss, _reward_metrics(loss, chosen_rewards, rejected_rewards)
@@ -181,8 +193,13 @@ def simpo(
     z = beta (a_c - a_r) - gamma;  loss = mean_pairs[ -(1 - eps) log sigma(z) - eps log sigma(-z) ].
     Implicit rewards: beta * a_c, beta * a_r (the margin gamma is not part of the reward).
     """
-    _check_pair_inputs("simpo", policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
-                       chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    _check_pair_inputs(
+        "simpo",
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+    )
     _check_label_smoothing("simpo", label_smoothing)
     chosen_rewards = beta * _average("simpo", policy_chosen_logps, chosen_lengths, "chosen_lengths")
     rejected_rewards = beta * _average("simpo", policy_rejected_logps, rejected_lengths, "rejected_lengths")
@@ -209,14 +226,21 @@ def ipo(
     loss = mean_pairs[ (d - 1 / (2 beta))^2 ]. Label smoothing does not apply (must be 0).
     Implicit rewards: beta * r_c, beta * r_r.
     """
-    _check_pair_inputs("ipo", policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
-                       reference_chosen_logps=reference_chosen_logps, reference_rejected_logps=reference_rejected_logps,
-                       chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    _check_pair_inputs(
+        "ipo",
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        reference_chosen_logps=reference_chosen_logps,
+        reference_rejected_logps=reference_rejected_logps,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+    )
     _require_reference("ipo", reference_chosen_logps, reference_rejected_logps)
     _reject_label_smoothing("ipo", label_smoothing)
     chosen_ratio = _average("ipo", policy_chosen_logps - reference_chosen_logps, chosen_lengths, "chosen_lengths")
-    rejected_ratio = _average("ipo", policy_rejected_logps - reference_rejected_logps, rejected_lengths,
-                              "rejected_lengths")
+    rejected_ratio = _average(
+        "ipo", policy_rejected_logps - reference_rejected_logps, rejected_lengths, "rejected_lengths"
+    )
     loss = ((chosen_ratio - rejected_ratio - 1.0 / (2.0 * beta)) ** 2).mean()
     return loss, _reward_metrics(loss, beta * chosen_ratio, beta * rejected_ratio)
 
@@ -239,8 +263,13 @@ def hinge(
     loss = mean_pairs[ relu(1 - beta d) ]. Label smoothing does not apply (must be 0). Lengths unused.
     Implicit rewards: beta * r_c, beta * r_r.
     """
-    _check_pair_inputs("hinge", policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
-                       reference_chosen_logps=reference_chosen_logps, reference_rejected_logps=reference_rejected_logps)
+    _check_pair_inputs(
+        "hinge",
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        reference_chosen_logps=reference_chosen_logps,
+        reference_rejected_logps=reference_rejected_logps,
+    )
     _require_reference("hinge", reference_chosen_logps, reference_rejected_logps)
     _reject_label_smoothing("hinge", label_smoothing)
     chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps)
@@ -269,14 +298,21 @@ def wpo(
     The mean is over pairs, not normalised by sum(w). Extra metric `wpo/weight` (mean w).
     Implicit rewards: beta * r_c, beta * r_r as in `dpo`.
     """
-    _check_pair_inputs("wpo", policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
-                       reference_chosen_logps=reference_chosen_logps, reference_rejected_logps=reference_rejected_logps,
-                       chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    _check_pair_inputs(
+        "wpo",
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        reference_chosen_logps=reference_chosen_logps,
+        reference_rejected_logps=reference_rejected_logps,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+    )
     _require_reference("wpo", reference_chosen_logps, reference_rejected_logps)
     _check_label_smoothing("wpo", label_smoothing)
     with torch.no_grad():
-        average_sum = (_average("wpo", policy_chosen_logps, chosen_lengths, "chosen_lengths")
-                       + _average("wpo", policy_rejected_logps, rejected_lengths, "rejected_lengths"))
+        average_sum = _average("wpo", policy_chosen_logps, chosen_lengths, "chosen_lengths") + _average(
+            "wpo", policy_rejected_logps, rejected_lengths, "rejected_lengths"
+        )
         weight = torch.exp(average_sum).clamp(max=1.0)
     chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps)
     rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps)

@@ -6,7 +6,7 @@ Shapes: B sequences (rollouts) of up to T response tokens; `mask` [B, T] is 1 on
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -95,8 +95,10 @@ def aggregate_token_losses(
     if aggregation == "sequence_mean":
         return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
     if constant_normalizer is None:
-        raise ValueError("aggregation 'sum_constant' needs constant_normalizer, e.g. max_response_length * batch "
-                         "size; it must not depend on the batch's actual lengths")
+        raise ValueError(
+            "aggregation 'sum_constant' needs constant_normalizer, e.g. max_response_length * batch "
+            "size; it must not depend on the batch's actual lengths"
+        )
     return masked.sum() / constant_normalizer
 
 
@@ -136,18 +138,22 @@ def grpo(
     reference_logprobs is given); entropy (token mean, only when entropy is given).
     """
     if not logprobs.shape == old_logprobs.shape == mask.shape or logprobs.dim() != 2:
-        raise ValueError(f"grpo expects logprobs, old_logprobs and mask of equal shape [B, T]; got "
-                         f"{list(logprobs.shape)}, {list(old_logprobs.shape)}, {list(mask.shape)}")
+        raise ValueError(
+            f"grpo expects logprobs, old_logprobs and mask of equal shape [B, T]; got "
+            f"{list(logprobs.shape)}, {list(old_logprobs.shape)}, {list(mask.shape)}"
+        )
     if advantages.dim() == 1:
         advantages = advantages[:, None]
     if advantages.shape[0] != logprobs.shape[0]:
-        raise ValueError(f"advantages has shape {list(advantages.shape)}; expected [B] or [B, T] with B = "
-                         f"{logprobs.shape[0]}")
+        raise ValueError(
+            f"advantages has shape {list(advantages.shape)}; expected [B] or [B, T] with B = {logprobs.shape[0]}"
+        )
     if kl_beta != 0.0 and reference_logprobs is None:
         raise ValueError(f"grpo: kl_beta = {kl_beta} needs reference_logprobs; pass them or set kl_beta = 0")
     if entropy_coef != 0.0 and entropy is None:
-        raise ValueError(f"grpo: entropy_coef = {entropy_coef} needs the per-token entropy; pass it or set "
-                         f"entropy_coef = 0")
+        raise ValueError(
+            f"grpo: entropy_coef = {entropy_coef} needs the per-token entropy; pass it or set entropy_coef = 0"
+        )
 
     advantages = advantages.detach()
     ratio = torch.exp(logprobs - old_logprobs.detach())
@@ -167,8 +173,9 @@ def grpo(
 
     loss = aggregate_token_losses(token_losses, mask, aggregation, constant_normalizer)
     metrics["loss"] = loss.detach()
-    metrics["policy_loss"] = aggregate_token_losses(policy_token_losses.detach(), mask, aggregation,
-                                                    constant_normalizer)
+    metrics["policy_loss"] = aggregate_token_losses(
+        policy_token_losses.detach(), mask, aggregation, constant_normalizer
+    )
     metrics["clip_fraction"] = _token_mean((clipped > unclipped).to(logprobs.dtype), mask)
     metrics["ratio_mean"] = _token_mean(ratio, mask)
     return loss, metrics

@@ -15,7 +15,7 @@ so s is antisymmetric, s(y > y) = 0, and v = [r, 1] gives s = r_i - r_j (Bradley
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -80,8 +80,10 @@ def bt(
     Metrics: loss, accuracy (r_c > r_r), rewards/chosen, rewards/rejected, rewards/margin (batch means).
     """
     if chosen_rewards.shape != rejected_rewards.shape or chosen_rewards.dim() != 1:
-        raise ValueError(f"bt expects chosen and rejected rewards of equal shape [B]; got "
-                         f"{list(chosen_rewards.shape)} and {list(rejected_rewards.shape)}")
+        raise ValueError(
+            f"bt expects chosen and rejected rewards of equal shape [B]; got "
+            f"{list(chosen_rewards.shape)} and {list(rejected_rewards.shape)}"
+        )
     difference = chosen_rewards - rejected_rewards
     loss = -F.logsigmoid(difference - margin).mean()
     difference = difference.detach()
@@ -109,8 +111,10 @@ def gpm(
     Shapes: embeddings [B, 2k], gate [B, k] or None. Metrics: loss, accuracy (s > 0), score (mean s).
     """
     if chosen_embeddings.shape != rejected_embeddings.shape or chosen_embeddings.dim() != 2:
-        raise ValueError(f"gpm expects chosen and rejected embeddings of equal shape [B, 2k]; got "
-                         f"{list(chosen_embeddings.shape)} and {list(rejected_embeddings.shape)}")
+        raise ValueError(
+            f"gpm expects chosen and rejected embeddings of equal shape [B, 2k]; got "
+            f"{list(chosen_embeddings.shape)} and {list(rejected_embeddings.shape)}"
+        )
     scores = gpm_score(chosen_embeddings, rejected_embeddings, gate)
     loss = -F.logsigmoid((scores - margin) / tau).mean()
     scores = scores.detach()
@@ -146,11 +150,22 @@ def _self_play_regression(
     scaled_target_l: torch.Tensor,
 ) -> tuple[torch.Tensor, Metrics]:
     """1/2 [(logratio_w - target_w)^2 + (logratio_l - target_l)^2], mean over pairs (targets already / beta)."""
-    shapes = {t.shape for t in (policy_logps_w, policy_logps_l, reference_logps_w, reference_logps_l,
-                                scaled_target_w, scaled_target_l)}
+    shapes = {
+        t.shape
+        for t in (
+            policy_logps_w,
+            policy_logps_l,
+            reference_logps_w,
+            reference_logps_l,
+            scaled_target_w,
+            scaled_target_l,
+        )
+    }
     if len(shapes) != 1 or policy_logps_w.dim() != 1:
-        raise ValueError(f"{loss_name} expects every input of shape [B] (per-sequence log-prob sums and targets); "
-                         f"got shapes {sorted(list(s) for s in shapes)}")
+        raise ValueError(
+            f"{loss_name} expects every input of shape [B] (per-sequence log-prob sums and targets); "
+            f"got shapes {sorted(list(s) for s in shapes)}"
+        )
     logratio_w = policy_logps_w - reference_logps_w
     logratio_l = policy_logps_l - reference_logps_l
     loss = (0.5 * ((logratio_w - scaled_target_w) ** 2 + (logratio_l - scaled_target_l) ** 2)).mean()
@@ -181,8 +196,15 @@ def gpo(
     loss = mean_pairs[ 1/2 ((logratio_w - s_hat_w / beta)^2 + (logratio_l - s_hat_l / beta)^2) ].
     All inputs [B]. Metrics: loss, logratio/{winner,loser}, target/{winner,loser} (= s_hat / beta).
     """
-    return _self_play_regression("gpo", policy_logps_w, policy_logps_l, reference_logps_w, reference_logps_l,
-                                 target_w.detach() / beta, target_l.detach() / beta)
+    return _self_play_regression(
+        "gpo",
+        policy_logps_w,
+        policy_logps_l,
+        reference_logps_w,
+        reference_logps_l,
+        target_w.detach() / beta,
+        target_l.detach() / beta,
+    )
 
 
 @register_loss("sppo")
@@ -206,10 +228,19 @@ def sppo(
     """
     for name, target in (("target_w", target_w), ("target_l", target_l)):
         if bool(((target < 0) | (target > 1)).any()):
-            raise ValueError(f"sppo: {name} must be win probabilities P_hat in [0, 1] (from mean_win_probabilities); "
-                             f"got values in [{target.min().item():.4g}, {target.max().item():.4g}]")
-    return _self_play_regression("sppo", policy_logps_w, policy_logps_l, reference_logps_w, reference_logps_l,
-                                 (target_w.detach() - 0.5) / beta, (target_l.detach() - 0.5) / beta)
+            raise ValueError(
+                f"sppo: {name} must be win probabilities P_hat in [0, 1] (from mean_win_probabilities); "
+                f"got values in [{target.min().item():.4g}, {target.max().item():.4g}]"
+            )
+    return _self_play_regression(
+        "sppo",
+        policy_logps_w,
+        policy_logps_l,
+        reference_logps_w,
+        reference_logps_l,
+        (target_w.detach() - 0.5) / beta,
+        (target_l.detach() - 0.5) / beta,
+    )
 
 
 # The per-response regression target each self-play loss expects, from a [..., K, K] score matrix and tau.
@@ -222,5 +253,7 @@ SELF_PLAY_TARGETS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
 def self_play_targets(loss_name: str) -> Callable[[torch.Tensor, float], torch.Tensor]:
     """`mean_preference_scores` for gpo, `mean_win_probabilities` for sppo; other names fail listing these."""
     if loss_name not in SELF_PLAY_TARGETS:
-        raise ConfigError(f"algo.loss={loss_name!r} is not a self-play loss; known: {', '.join(sorted(SELF_PLAY_TARGETS))}")
+        raise ConfigError(
+            f"algo.loss={loss_name!r} is not a self-play loss; known: {', '.join(sorted(SELF_PLAY_TARGETS))}"
+        )
     return SELF_PLAY_TARGETS[loss_name]

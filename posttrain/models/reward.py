@@ -74,10 +74,16 @@ class RewardModel(nn.Module):
         self.classifier = classifier
         self.head_config = head_config
         if not isinstance(getattr(classifier, "score", None), nn.Linear):
-            raise ConfigError(f"{type(classifier).__name__} has no linear `score` head; posttrain reward models need one")
+            raise ConfigError(
+                f"{type(classifier).__name__} has no linear `score` head; posttrain reward models need one"
+            )
         hidden = classifier.score.in_features
         blocks = head_config.embed_dim // 2
-        self.gate = nn.Linear(hidden, blocks, bias=False, dtype=classifier.score.weight.dtype) if head_config.prompt_gate else None
+        self.gate = (
+            nn.Linear(hidden, blocks, bias=False, dtype=classifier.score.weight.dtype)
+            if head_config.prompt_gate
+            else None
+        )
 
     def forward(self, input_ids, last_index, prompt_index=None, position_ids=None, attention_mask=None):
         """Head outputs at flat token indices `last_index` ([n], into the flattened [B * T] token axis;
@@ -91,7 +97,9 @@ class RewardModel(nn.Module):
         gate = None
         if self.gate is not None:
             if prompt_index is None:
-                raise ValueError("this reward model has a prompt gate; pass prompt_index (the last prompt token of each sequence)")
+                raise ValueError(
+                    "this reward model has a prompt gate; pass prompt_index (the last prompt token of each sequence)"
+                )
             gate = torch.softmax(self.gate(hidden[prompt_index]).float(), dim=-1)
         return values, gate
 
@@ -122,8 +130,12 @@ def build_reward_model(model_cfg, tokenizer, seed: int, head_config: RewardHeadC
         torch.manual_seed(seed)
         if model_cfg.path:
             classifier = AutoModelForSequenceClassification.from_pretrained(
-                model_cfg.path, num_labels=head_config.output_dim, dtype=dtype, ignore_mismatched_sizes=True,
-                attn_implementation=model_cfg.attn_implementation, trust_remote_code=model_cfg.trust_remote_code,
+                model_cfg.path,
+                num_labels=head_config.output_dim,
+                dtype=dtype,
+                ignore_mismatched_sizes=True,
+                attn_implementation=model_cfg.attn_implementation,
+                trust_remote_code=model_cfg.trust_remote_code,
             )
         else:
             config = tiny_llama_config(model_cfg.tiny, tokenizer)
@@ -140,7 +152,9 @@ def build_reward_model(model_cfg, tokenizer, seed: int, head_config: RewardHeadC
     return model
 
 
-def save_reward_model(model: RewardModel, tokenizer, out_dir: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+def save_reward_model(
+    model: RewardModel, tokenizer, out_dir: Path, state: dict[str, torch.Tensor] | None = None
+) -> None:
     """Write the format of the module docstring atomically (a staging dir renamed into place).
 
     `state` is the full RewardModel state dict (gathered under ZeRO-3 by the caller); default: the module's.
@@ -149,7 +163,7 @@ def save_reward_model(model: RewardModel, tokenizer, out_dir: Path, state: dict[
     out_dir = Path(out_dir)
     staging = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(staging, ignore_errors=True)
-    classifier_state = {name[len("classifier."):]: t for name, t in state.items() if name.startswith("classifier.")}
+    classifier_state = {name[len("classifier.") :]: t for name, t in state.items() if name.startswith("classifier.")}
     model.classifier.save_pretrained(str(staging), state_dict=classifier_state, safe_serialization=True)
     tokenizer.save_pretrained(str(staging))
     (staging / HEAD_FILE).write_text(json.dumps(asdict(model.head_config), indent=2))
@@ -164,11 +178,15 @@ def load_reward_model(path: str | Path, dtype: str = "float32"):
     """(RewardModel, tokenizer) from a `save_reward_model` directory (or any 1-label sequence classifier: BT)."""
     path = Path(path)
     head_file = path / HEAD_FILE
-    head_config = RewardHeadConfig(**json.loads(head_file.read_text())) if head_file.exists() else RewardHeadConfig(head="bt")
+    head_config = (
+        RewardHeadConfig(**json.loads(head_file.read_text())) if head_file.exists() else RewardHeadConfig(head="bt")
+    )
     classifier = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch_dtype(dtype))
     if classifier.score.out_features != head_config.output_dim:
-        raise ConfigError(f"{path}: the score head has {classifier.score.out_features} outputs but {HEAD_FILE} says "
-                          f"{head_config.output_dim}; the directory is not a posttrain reward model")
+        raise ConfigError(
+            f"{path}: the score head has {classifier.score.out_features} outputs but {HEAD_FILE} says "
+            f"{head_config.output_dim}; the directory is not a posttrain reward model"
+        )
     model = RewardModel(classifier, head_config)
     if model.gate is not None:
         model.gate.weight.data.copy_(load_file(str(path / GATE_FILE))["weight"])
@@ -190,14 +208,23 @@ def embed_responses(model: RewardModel, tokenizer, prompt: list[dict], responses
     starts = torch.cumsum(lengths, 0) - lengths
     batch = collate_packed(sequences)
     device = next(model.parameters()).device
-    values, gate = model(batch["input_ids"].to(device), (starts + lengths - 1).to(device), (starts + len(prompt_ids) - 1).to(device),
-                         position_ids=batch["position_ids"].to(device))
+    values, gate = model(
+        batch["input_ids"].to(device),
+        (starts + lengths - 1).to(device),
+        (starts + len(prompt_ids) - 1).to(device),
+        position_ids=batch["position_ids"].to(device),
+    )
     return values, None if gate is None else gate[0]
 
 
 @torch.no_grad()
-def score_matrices(model: RewardModel, tokenizer, prompts: list[list[dict]], responses: list[list[str]],
-                   sequences_per_forward: int = 64) -> torch.Tensor:
+def score_matrices(
+    model: RewardModel,
+    tokenizer,
+    prompts: list[list[dict]],
+    responses: list[list[str]],
+    sequences_per_forward: int = 64,
+) -> torch.Tensor:
     """S[p, i, j] = s(y_i > y_j | x_p) for K responses (text) to each of P prompts: [P, K, K] float32 on CPU.
 
     Every response is embedded once (P * K sequences packed `sequences_per_forward` to a forward), then all
@@ -206,8 +233,10 @@ def score_matrices(model: RewardModel, tokenizer, prompts: list[list[dict]], res
     """
     sizes = {len(group) for group in responses}
     if len(responses) != len(prompts) or len(sizes) != 1:
-        raise ValueError(f"score_matrices needs the same number K of responses for each of the {len(prompts)} prompts; "
-                         f"got {len(responses)} groups of sizes {sorted(sizes)}")
+        raise ValueError(
+            f"score_matrices needs the same number K of responses for each of the {len(prompts)} prompts; "
+            f"got {len(responses)} groups of sizes {sorted(sizes)}"
+        )
     sequences, prompt_lengths = [], []
     for p, (prompt, group) in enumerate(zip(prompts, responses)):
         prompt_ids = render_ids(tokenizer, prompt, add_generation_prompt=True)
@@ -222,9 +251,12 @@ def score_matrices(model: RewardModel, tokenizer, prompts: list[list[dict]], res
         lengths = torch.tensor([len(sequence.input_ids) for sequence in chunk])
         starts = torch.cumsum(lengths, 0) - lengths
         batch = collate_packed(chunk)
-        chunk_values, chunk_gate = model(batch["input_ids"].to(device), (starts + lengths - 1).to(device),
-                                         (starts + torch.tensor(prompt_lengths[start : start + len(chunk)]) - 1).to(device),
-                                         position_ids=batch["position_ids"].to(device))
+        chunk_values, chunk_gate = model(
+            batch["input_ids"].to(device),
+            (starts + lengths - 1).to(device),
+            (starts + torch.tensor(prompt_lengths[start : start + len(chunk)]) - 1).to(device),
+            position_ids=batch["position_ids"].to(device),
+        )
         values.append(chunk_values.cpu())
         gates.append(None if chunk_gate is None else chunk_gate.cpu())
     count, k = len(prompts), sizes.pop()
@@ -234,7 +266,9 @@ def score_matrices(model: RewardModel, tokenizer, prompts: list[list[dict]], res
 
 
 @torch.no_grad()
-def score_pairs(model, examples: list[PreferenceExample], pad_token_id: int, batch_size: int = 16, packing: bool = True) -> torch.Tensor:
+def score_pairs(
+    model, examples: list[PreferenceExample], pad_token_id: int, batch_size: int = 16, packing: bool = True
+) -> torch.Tensor:
     """s(chosen > rejected) for every pair [N] (> 0: the model prefers chosen); `model` is a RewardModel
     or an engine wrapping one."""
     module = getattr(model, "module", model)
@@ -242,8 +276,17 @@ def score_pairs(model, examples: list[PreferenceExample], pad_token_id: int, bat
     scores = []
     for start in range(0, len(examples), batch_size):
         batch = collate_pairs(examples[start : start + batch_size], packing, pad_token_id).to(device)
-        values, gate = model(batch.inputs["input_ids"], batch.last_index, batch.prompt_index,
-                             position_ids=batch.inputs["position_ids"], attention_mask=batch.inputs.get("attention_mask"))
+        values, gate = model(
+            batch.inputs["input_ids"],
+            batch.last_index,
+            batch.prompt_index,
+            position_ids=batch.inputs["position_ids"],
+            attention_mask=batch.inputs.get("attention_mask"),
+        )
         pairs = batch.num_pairs
-        scores.append(pair_scores(values[:pairs], values[pairs:], None if gate is None else gate[:pairs], module.head_config.head).cpu())
+        scores.append(
+            pair_scores(
+                values[:pairs], values[pairs:], None if gate is None else gate[:pairs], module.head_config.head
+            ).cpu()
+        )
     return torch.cat(scores)

@@ -39,7 +39,7 @@ def last_number(text: str) -> Fraction | None:
     None if `text` has no number, or if the last one is longer than MAX_NUMBER_CHARS.
     """
     last = None
-    for last in _NUMBER.finditer(_THOUSANDS_SEPARATOR.sub("", text)):
+    for last in _NUMBER.finditer(_THOUSANDS_SEPARATOR.sub("", text)):  # noqa: B007 (the last match is wanted)
         pass
     if last is None or len(last.group()) > MAX_NUMBER_CHARS:
         return None
@@ -49,9 +49,7 @@ def last_number(text: str) -> Fraction | None:
 def label_number(ground_truth: str | int | float) -> Fraction:
     """The label as an exact Fraction; raises DataError naming the label if it holds no number."""
     if isinstance(ground_truth, bool) or not isinstance(ground_truth, (str, int, float, Fraction)):
-        raise DataError(
-            f"gsm8k ground_truth must be a number or a string like '72' or '#### 72', got {ground_truth!r}"
-        )
+        raise DataError(f"gsm8k ground_truth must be a number or a string like '72' or '#### 72', got {ground_truth!r}")
     if isinstance(ground_truth, float):
         if not math.isfinite(ground_truth):
             raise DataError(f"gsm8k ground_truth must be finite, got {ground_truth!r}")

@@ -31,7 +31,8 @@ from __future__ import annotations
 import inspect
 import json
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from posttrain.errors import DataError
 from posttrain.rewards import register_verifier

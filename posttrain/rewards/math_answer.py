@@ -74,7 +74,7 @@ def last_boxed(text: str) -> str | None:
 
 def _minerva_final_answer(text: str) -> str | None:
     last = None
-    for last in _FINAL_ANSWER.finditer(text):
+    for last in _FINAL_ANSWER.finditer(text):  # noqa: B007 (the last match is wanted)
         pass
     if last is None:
         return None
@@ -85,7 +85,7 @@ def _minerva_final_answer(text: str) -> str | None:
 
 def _last_dollar_math(text: str) -> str | None:
     last = None
-    for last in _DOLLAR_MATH.finditer(text):
+    for last in _DOLLAR_MATH.finditer(text):  # noqa: B007 (the last match is wanted)
         pass
     return None if last is None else last.group(1).strip()
 

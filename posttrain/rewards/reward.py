@@ -18,7 +18,8 @@ that hangs sympy is cut off here and counted as "timeout" rather than returned a
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from posttrain.errors import ConfigError, DataError
 from posttrain.registry import Registry

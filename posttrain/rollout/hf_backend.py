@@ -51,7 +51,9 @@ class SampledTokenLogprobs(LogitsProcessor):
         return torch.stack(self._steps, dim=1)
 
 
-def sampling_processors(sampling: SamplingConfig, logprobs_mode: str) -> tuple[LogitsProcessorList, SampledTokenLogprobs]:
+def sampling_processors(
+    sampling: SamplingConfig, logprobs_mode: str
+) -> tuple[LogitsProcessorList, SampledTokenLogprobs]:
     """The warpers for `sampling` with the log-prob recorder placed before (raw) or after (processed) them."""
     recorder = SampledTokenLogprobs()
     warpers = []
@@ -85,7 +87,9 @@ class HFBackend:
     def __init__(self, model: torch.nn.Module, tokenizer, cfg: RolloutConfig):
         self.model = model.eval().requires_grad_(False)
         # A clean generation config, so nothing from a hub generation_config.json changes sampling.
-        self.model.generation_config = GenerationConfig(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+        self.model.generation_config = GenerationConfig(
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id
+        )
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.max_model_len = cfg.max_model_len
@@ -128,7 +132,9 @@ class HFBackend:
 
     @torch.no_grad()
     def _generate_rows(self, rows: list[tuple[int, int, list[int]]], sampling: SamplingConfig) -> list[Completion]:
-        input_ids, attention_mask = left_pad([ids for _, _, ids in rows], self.tokenizer.pad_token_id, self.model.device)
+        input_ids, attention_mask = left_pad(
+            [ids for _, _, ids in rows], self.tokenizer.pad_token_id, self.model.device
+        )
         processors, recorder = sampling_processors(sampling, self.cfg.logprobs_mode)
         stop_ids = self.stop_token_ids(sampling)
         do_sample = sampling.temperature > 0
@@ -153,7 +159,9 @@ class HFBackend:
         logprobs = recorder.finish(output.sequences).cpu()
         new_tokens = output.sequences[:, input_ids.shape[1] :].cpu()
         return [
-            self._completion(prompt_index, sample, ids, new_tokens[row].tolist(), logprobs[row].tolist(), stop_ids, sampling.stop)
+            self._completion(
+                prompt_index, sample, ids, new_tokens[row].tolist(), logprobs[row].tolist(), stop_ids, sampling.stop
+            )
             for row, (prompt_index, sample, ids) in enumerate(rows)
         ]
 
@@ -179,7 +187,9 @@ class HFBackend:
         loaded = set()
         for name, tensor in named_tensors:
             if name not in targets:
-                raise ConfigError(f"sync_weights: the rollout model has no weight {name!r}; is it the same architecture?")
+                raise ConfigError(
+                    f"sync_weights: the rollout model has no weight {name!r}; is it the same architecture?"
+                )
             targets[name].copy_(tensor)
             loaded.add(name)
         missing = sorted(set(targets) - loaded)

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 from posttrain.data.chat import render_ids, validate_messages
 from posttrain.errors import ConfigError, DataError
 
 # A prompt is a chat conversation [{"role", "content"}, ...] (rendered with the generation prompt) or
 # token ids used as they are.
-Prompt = Union[Sequence[dict], Sequence[int]]
+Prompt = Sequence[dict] | Sequence[int]
 
 
 def prompt_token_ids(tokenizer, prompt: Prompt, prompt_index: int) -> list[int]:
-    """Token ids of one prompt, rendered exactly as trainers render it (`render_ids(..., add_generation_prompt=True)`)."""
+    """Token ids of one prompt, rendered exactly as trainers render it (`render_ids(...,
+    add_generation_prompt=True)`)."""
     if isinstance(prompt, str):
-        raise DataError(f"prompt {prompt_index} is a string; pass chat messages [{{'role': 'user', 'content': ...}}] or token ids")
+        raise DataError(
+            f"prompt {prompt_index} is a string; pass chat messages [{{'role': 'user', 'content': ...}}] or token ids"
+        )
     items = list(prompt)
     if items and all(isinstance(item, int) and not isinstance(item, bool) for item in items):
         return items
@@ -49,7 +52,9 @@ def fit_prompt(ids: list[int], prompt_index: int, max_tokens: int, max_model_len
     raise ConfigError(f"rollout.prompt_truncation={truncation!r} is not one of error, left")
 
 
-def prepare_prompts(tokenizer, prompts: Sequence[Prompt], max_tokens: int, max_model_len: int, truncation: str) -> list[list[int]]:
+def prepare_prompts(
+    tokenizer, prompts: Sequence[Prompt], max_tokens: int, max_model_len: int, truncation: str
+) -> list[list[int]]:
     """Engine-ready token ids for every prompt, in order."""
     if isinstance(prompts, (str, dict)) or not len(prompts):
         raise DataError("generate needs a non-empty list of prompts (each chat messages or token ids)")

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 from torch import nn
 
@@ -109,7 +110,9 @@ class RolloutService:
     def max_model_len(self) -> int:
         return self.backend.max_model_len
 
-    def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig | Mapping[str, Any] | None = None) -> list[Completion]:
+    def generate(
+        self, prompts: Sequence[Prompt], sampling: SamplingConfig | Mapping[str, Any] | None = None
+    ) -> list[Completion]:
         """`n` completions per prompt, ordered by prompt then sample.
 
         prompts: chat conversations (rendered with the tokenizer's chat template and the generation
@@ -118,7 +121,9 @@ class RolloutService:
         (rollout.prompt_truncation=left).
         """
         sampling = as_sampling_config(sampling)
-        prompt_ids = prepare_prompts(self.tokenizer, prompts, sampling.max_tokens, self.max_model_len, self.cfg.prompt_truncation)
+        prompt_ids = prepare_prompts(
+            self.tokenizer, prompts, sampling.max_tokens, self.max_model_len, self.cfg.prompt_truncation
+        )
         return self.backend.generate(prompt_ids, sampling)
 
     def sync_weights(self, model: nn.Module) -> None:

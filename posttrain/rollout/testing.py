@@ -79,21 +79,29 @@ def shared_rollout_service(tokenizer, backend: str = "vllm", **overrides) -> Rol
 
 
 @torch.no_grad()
-def reference_greedy(model: torch.nn.Module, prompt_ids: list[list[int]], max_tokens: int, eos_token_id: int) -> list[list[int]]:
+def reference_greedy(
+    model: torch.nn.Module, prompt_ids: list[list[int]], max_tokens: int, eos_token_id: int
+) -> list[list[int]]:
     """transformers greedy completions, one unpadded prompt at a time (the reference the engines must equal)."""
     from transformers import GenerationConfig
 
-    config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos_token_id, pad_token_id=eos_token_id)
+    config = GenerationConfig(
+        max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos_token_id, pad_token_id=eos_token_id
+    )
     completions = []
     for ids in prompt_ids:
         input_ids = torch.tensor([ids], device=model.device)
-        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
+        output = model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config
+        )
         completions.append(output[0, len(ids) :].tolist())
     return completions
 
 
 @torch.no_grad()
-def recomputed_logprobs(model: torch.nn.Module, prompt_ids: list[int], completion_ids: list[int], temperature: float = 1.0) -> torch.Tensor:
+def recomputed_logprobs(
+    model: torch.nn.Module, prompt_ids: list[int], completion_ids: list[int], temperature: float = 1.0
+) -> torch.Tensor:
     """float32 [len(completion_ids)] log-probs of the completion under `model` as trainers compute them.
 
     Goes through `CausalLMWithLogprobs` (the module trainers hand to the engine) with the reference

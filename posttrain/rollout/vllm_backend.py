@@ -151,7 +151,9 @@ def start_engine(cfg: RolloutConfig, model_dir: str):
     try:
         from vllm import LLM
     except Exception as error:
-        raise ConfigError(f"rollout=vllm needs vLLM ({error}); install posttrain[cpu] / posttrain[gpu] or set rollout=hf") from error
+        raise ConfigError(
+            f"rollout=vllm needs vLLM ({error}); install posttrain[cpu] / posttrain[gpu] or set rollout=hf"
+        ) from error
     # vLLM joins an existing torch.distributed world; start posttrain's first so DeepSpeed finds its
     # environment (LOCAL_RANK, ...) later, whichever of the two is built first.
     init_distributed()
@@ -162,7 +164,9 @@ def start_engine(cfg: RolloutConfig, model_dir: str):
             return LLM(**kwargs)
         except Exception as error:
             cause = " ".join(str(error).split())  # one line: user errors print without a traceback
-            raise ConfigError(f"rollout: vLLM could not start an engine for {model_dir}: {type(error).__name__}: {cause}") from error
+            raise ConfigError(
+                f"rollout: vLLM could not start an engine for {model_dir}: {type(error).__name__}: {cause}"
+            ) from error
 
 
 class _RotaryReloadNotice(logging.Filter):
@@ -212,7 +216,9 @@ class VLLMBackend:
 
         self.wake_up()
         params = [self.sampling_params(sampling, index) for index in range(len(prompt_token_ids))]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids], params, use_tqdm=False)
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids], params, use_tqdm=False
+        )
         return [
             completion
             for index, (ids, output) in enumerate(zip(prompt_token_ids, outputs))
@@ -224,11 +230,15 @@ class VLLMBackend:
         completions = []
         for sample in sorted(output.outputs, key=lambda sample: sample.index):
             if sample.finish_reason not in ("stop", "length"):
-                raise RuntimeError(f"vLLM ended prompt {prompt_index} sample {sample.index} with {sample.finish_reason!r}")
+                raise RuntimeError(
+                    f"vLLM ended prompt {prompt_index} sample {sample.index} with {sample.finish_reason!r}"
+                )
             token_ids = list(sample.token_ids)
             logprobs = [float(step[token].logprob) for step, token in zip(sample.logprobs, token_ids)]
             completions.append(
-                Completion(prompt_index, sample.index, list(prompt_ids), token_ids, sample.text, logprobs, sample.finish_reason)
+                Completion(
+                    prompt_index, sample.index, list(prompt_ids), token_ids, sample.text, logprobs, sample.finish_reason
+                )
             )
         return completions
 

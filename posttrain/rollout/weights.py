@@ -12,7 +12,7 @@ merges the LoRA adapters into the base weights.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn

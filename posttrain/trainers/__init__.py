@@ -4,9 +4,14 @@ import importlib
 
 from posttrain.errors import ConfigError
 
-TRAINERS = {"sft": "posttrain.trainers.sft", "dpo": "posttrain.trainers.dpo", "rm": "posttrain.trainers.reward", "rlvr": "posttrain.trainers.rlvr",
-            "gpo": "posttrain.trainers.gpo",
-            "pipeline": "posttrain.pipeline"}
+TRAINERS = {
+    "sft": "posttrain.trainers.sft",
+    "dpo": "posttrain.trainers.dpo",
+    "rm": "posttrain.trainers.reward",
+    "rlvr": "posttrain.trainers.rlvr",
+    "gpo": "posttrain.trainers.gpo",
+    "pipeline": "posttrain.pipeline",
+}
 
 
 def trainer_module(name: str):

@@ -25,8 +25,13 @@ from posttrain.engine.checkpoint import load_checkpoint, save_checkpoint
 from posttrain.engine.distributed import all_reduce_sum, init_distributed, rank, world_size
 from posttrain.engine.export import export_hf
 from posttrain.engine.reference import (
-    ReferenceLogprobs, cached_reference_logprobs, compute_reference_logprobs, default_cache_dir, frozen_model,
-    model_fingerprint, reference_cache_key,
+    ReferenceLogprobs,
+    cached_reference_logprobs,
+    compute_reference_logprobs,
+    default_cache_dir,
+    frozen_model,
+    model_fingerprint,
+    reference_cache_key,
 )
 from posttrain.errors import ConfigError
 from posttrain.logging import MetricsLogger
@@ -37,14 +42,26 @@ from posttrain.models.logprob_model import CausalLMWithLogprobs
 from posttrain.models.lora import wrap_lora
 from posttrain.run_dir import resume_point, write_config
 from posttrain.training import (
-    load_preference_data, pair_logprob_sums, pair_loss_scale, seed_everything, total_optimizer_steps,
+    load_preference_data,
+    pair_logprob_sums,
+    pair_loss_scale,
+    seed_everything,
+    total_optimizer_steps,
 )
 
 log = logging.getLogger("posttrain")
 
 REFERENCE_FREE_LOSSES = frozenset({"simpo"})
-STEP_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
-                "logps/rejected", "nll")
+STEP_METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margin",
+    "rewards/accuracy",
+    "logps/chosen",
+    "logps/rejected",
+    "nll",
+)
 
 
 @dataclass
@@ -83,9 +100,12 @@ class DPORun:
 
 def reference_model(cfg, tokenizer) -> CausalLMWithLogprobs:
     """The frozen reference: `algo.reference.path`, else the policy's starting point."""
-    model_cfg = OmegaConf.merge(cfg.model, {"path": cfg.algo.reference.path or cfg.model.path, "gradient_checkpointing": False})
-    module = CausalLMWithLogprobs(load_model(model_cfg, tokenizer, cfg.seed), fused=cfg.model.fused_logprobs,
-                                  zero_stage=cfg.deepspeed.zero_stage)
+    model_cfg = OmegaConf.merge(
+        cfg.model, {"path": cfg.algo.reference.path or cfg.model.path, "gradient_checkpointing": False}
+    )
+    module = CausalLMWithLogprobs(
+        load_model(model_cfg, tokenizer, cfg.seed), fused=cfg.model.fused_logprobs, zero_stage=cfg.deepspeed.zero_stage
+    )
     return frozen_model(module, cfg.deepspeed.zero_stage, cfg.model.dtype, cfg.deepspeed.offload_params)
 
 
@@ -105,16 +125,26 @@ def build_reference(cfg, tokenizer, train_examples, eval_examples) -> Reference:
         if not loaded:
             loaded.append(reference_model(cfg, tokenizer))
         device = next(iter(loaded[0].parameters())).device
-        return compute_reference_logprobs(loaded[0], examples, ref_cfg.micro_batch_size, cfg.data.packing,
-                                          tokenizer.pad_token_id, device)
+        return compute_reference_logprobs(
+            loaded[0], examples, ref_cfg.micro_batch_size, cfg.data.packing, tokenizer.pad_token_id, device
+        )
 
     reference = Reference()
     for split, examples in (("train", train_examples), ("eval", eval_examples)):
         if not examples:
             continue
-        key = reference_cache_key(model=model, examples=examples, tokenizer=tokenizer, max_length=cfg.data.max_length,
-                                  truncation=cfg.data.truncation, dtype=cfg.model.dtype, fused=cfg.model.fused_logprobs)
-        logprobs, hit = cached_reference_logprobs(key, cache_dir, len(examples), lambda: compute(examples))
+        key = reference_cache_key(
+            model=model,
+            examples=examples,
+            tokenizer=tokenizer,
+            max_length=cfg.data.max_length,
+            truncation=cfg.data.truncation,
+            dtype=cfg.model.dtype,
+            fused=cfg.model.fused_logprobs,
+        )
+        logprobs, hit = cached_reference_logprobs(
+            key, cache_dir, len(examples), lambda examples=examples: compute(examples)
+        )
         setattr(reference, split, logprobs)
         reference.cache_hits += int(hit)
     loaded.clear()  # free the reference model before the policy is built
@@ -127,7 +157,10 @@ def setup(cfg) -> DPORun:
     seed_everything(cfg.seed + rank())
     get_loss(cfg.algo.loss)  # an unknown loss name fails now, listing the known ones
     if cfg.algo.nll_alpha < 0:
-        raise ConfigError(f"algo.nll_alpha={cfg.algo.nll_alpha} is negative; it weighs the chosen NLL (RPO): use 0 to turn it off or a positive weight")
+        raise ConfigError(
+            f"algo.nll_alpha={cfg.algo.nll_alpha} is negative; it weighs the chosen NLL (RPO): use 0 to turn it "
+            f"off or a positive weight"
+        )
     run_dir = Path(cfg.run_dir)
     checkpoint = resume_point(run_dir, cfg.resume)
     tokenizer, train_examples, eval_examples = load_preference_data(cfg, run_dir)
@@ -145,30 +178,50 @@ def setup(cfg) -> DPORun:
     if cfg.peft.enabled:
         model = wrap_lora(model, cfg.peft)
     module = CausalLMWithLogprobs(model, fused=cfg.model.fused_logprobs, zero_stage=cfg.deepspeed.zero_stage)
-    plan = StepPlan(cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, world_size(), len(train_examples), cfg.seed)
+    plan = StepPlan(
+        cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, world_size(), len(train_examples), cfg.seed
+    )
     total_steps = total_optimizer_steps(plan, cfg.train)
     engine = backend.build_engine(module, cfg, total_steps)
     start_step = load_checkpoint(engine, checkpoint)["step"] if checkpoint else 0
     if checkpoint:
         log.info("resumed from %s (step %d)", checkpoint, start_step)
     log.info(
-        "DPO (%s, beta %g): %d train / %d eval pairs, %d steps, effective batch %d pairs (micro %d x accum %d x world %d)",
-        cfg.algo.loss, cfg.algo.beta, len(train_examples), len(eval_examples), total_steps, plan.examples_per_step,
-        plan.micro_batch_size, plan.gradient_accumulation_steps, plan.world_size,
+        "DPO (%s, beta %g): %d train / %d eval pairs, %d steps, effective batch %d pairs (micro %d x accum %d x "
+        "world %d)",
+        cfg.algo.loss,
+        cfg.algo.beta,
+        len(train_examples),
+        len(eval_examples),
+        total_steps,
+        plan.examples_per_step,
+        plan.micro_batch_size,
+        plan.gradient_accumulation_steps,
+        plan.world_size,
     )
-    return DPORun(cfg, run_dir, tokenizer, engine, plan, train_examples, eval_examples, reference, total_steps, start_step)
+    return DPORun(
+        cfg, run_dir, tokenizer, engine, plan, train_examples, eval_examples, reference, total_steps, start_step
+    )
 
 
 def pair_inputs(run: DPORun, split: str, indices: list[int]):
     """(batch, loss inputs) of pairs `indices` of `split`: ONE policy forward over chosen + rejected, the
     reference sums, the response lengths, in the family's argument order."""
     examples = run.train_examples if split == "train" else run.eval_examples
-    batch = collate_pairs([examples[i] for i in indices], run.cfg.data.packing, run.tokenizer.pad_token_id).to(run.engine.device)
+    batch = collate_pairs([examples[i] for i in indices], run.cfg.data.packing, run.tokenizer.pad_token_id).to(
+        run.engine.device
+    )
     policy_chosen, policy_rejected = pair_logprob_sums(run.engine, batch)
     reference_chosen, reference_rejected = run.reference.sums(split, indices, batch, run.engine.device)
     lengths = batch.response_lengths
-    return batch, (policy_chosen, policy_rejected, reference_chosen, reference_rejected,
-                   lengths[: batch.num_pairs], lengths[batch.num_pairs :])
+    return batch, (
+        policy_chosen,
+        policy_rejected,
+        reference_chosen,
+        reference_rejected,
+        lengths[: batch.num_pairs],
+        lengths[batch.num_pairs :],
+    )
 
 
 def family_loss(run: DPORun, inputs: tuple):
@@ -176,13 +229,20 @@ def family_loss(run: DPORun, inputs: tuple):
     returns (loss, metrics). `logps/chosen` and `logps/rejected` are the policy's per-token log-probs: when
     both fall, the policy is moving mass off both responses (to text neither of them is)."""
     algo = run.cfg.algo
-    loss, metrics = get_loss(algo.loss)(*inputs, beta=algo.beta, label_smoothing=algo.label_smoothing, **dict(algo.loss_kwargs))
+    loss, metrics = get_loss(algo.loss)(
+        *inputs, beta=algo.beta, label_smoothing=algo.label_smoothing, **dict(algo.loss_kwargs)
+    )
     nll = chosen_nll(inputs[0], inputs[4])
     if algo.nll_alpha:
         loss = loss + algo.nll_alpha * nll
         metrics["loss"] = loss.detach()
-    metrics.update({"nll": nll.detach(), "logps/chosen": (inputs[0] / inputs[4]).detach().mean(),
-                    "logps/rejected": (inputs[1] / inputs[5]).detach().mean()})
+    metrics.update(
+        {
+            "nll": nll.detach(),
+            "logps/chosen": (inputs[0] / inputs[4]).detach().mean(),
+            "logps/rejected": (inputs[1] / inputs[5]).detach().mean(),
+        }
+    )
     return loss, metrics
 
 
@@ -199,7 +259,9 @@ def train_step(run: DPORun, step: int) -> dict[str, float]:
         for position, name in enumerate(STEP_METRICS):
             totals[position] += float(metrics[name]) * len(indices)
         totals[-2] += len(indices)
-        totals[-1] += float(batch.inputs["input_ids"].numel() if run.cfg.data.packing else batch.inputs["attention_mask"].sum())
+        totals[-1] += float(
+            batch.inputs["input_ids"].numel() if run.cfg.data.packing else batch.inputs["attention_mask"].sum()
+        )
     elapsed = time.perf_counter() - started
     totals = all_reduce_sum(totals)
     result = {name: totals[position] / totals[-2] for position, name in enumerate(STEP_METRICS)}
@@ -229,12 +291,21 @@ def evaluate(run: DPORun) -> dict[str, float]:
         totals[3] += len(indices)
     run.engine.train()
     totals = all_reduce_sum(totals)
-    return {"eval_loss": totals[0] / totals[3], "eval_accuracy": totals[1] / totals[3], "eval_logp_accuracy": totals[2] / totals[3]}
+    return {
+        "eval_loss": totals[0] / totals[3],
+        "eval_accuracy": totals[1] / totals[3],
+        "eval_logp_accuracy": totals[2] / totals[3],
+    }
 
 
 def save(run: DPORun, step: int) -> None:
-    save_checkpoint(run.engine, run.run_dir, step, {"algo": "dpo", "loss": run.cfg.algo.loss, "total_steps": run.total_steps},
-                    run.cfg.checkpoint.keep_last)
+    save_checkpoint(
+        run.engine,
+        run.run_dir,
+        step,
+        {"algo": "dpo", "loss": run.cfg.algo.loss, "total_steps": run.total_steps},
+        run.cfg.checkpoint.keep_last,
+    )
 
 
 def export(run: DPORun) -> None:
@@ -250,7 +321,12 @@ def train(run: DPORun) -> None:
         for step in range(run.start_step, run.total_steps):
             metrics = train_step(run, step)
             done = step + 1
-            if run.eval_examples and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != run.total_steps:
+            if (
+                run.eval_examples
+                and cfg.train.eval_every
+                and done % cfg.train.eval_every == 0
+                and done != run.total_steps
+            ):
                 metrics.update(evaluate(run))
             if done % cfg.logger.log_every == 0 or done == run.total_steps:
                 run.logger.log(done, metrics)

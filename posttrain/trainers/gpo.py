@@ -103,13 +103,19 @@ def check_config(cfg) -> None:
     self_play_targets(algo.loss)  # an unknown loss fails listing gpo, sppo
     problems = []
     if not algo.reward_model:
-        problems.append("algo.reward_model is not set: pass the final/ dir of an algo=rm run (head=gpm or bt), "
-                        "e.g. algo.reward_model=runs/rm/final")
+        problems.append(
+            "algo.reward_model is not set: pass the final/ dir of an algo=rm run (head=gpm or bt), "
+            "e.g. algo.reward_model=runs/rm/final"
+        )
     elif not (Path(algo.reward_model) / HEAD_FILE).exists():
-        problems.append(f"algo.reward_model={algo.reward_model} is not a posttrain reward-model directory (no {HEAD_FILE}); "
-                        "pass the final/ dir of an algo=rm run")
+        problems.append(
+            f"algo.reward_model={algo.reward_model} is not a posttrain reward-model directory (no {HEAD_FILE}); "
+            "pass the final/ dir of an algo=rm run"
+        )
     checks = {
-        f"algo.sampling.n={algo.sampling.n} must be >= 2 (the K responses per prompt that make the pairs)": algo.sampling.n < 2,
+        f"algo.sampling.n={algo.sampling.n} must be >= 2 (the K responses per prompt that make the pairs)": (
+            algo.sampling.n < 2
+        ),
         f"algo.beta={algo.beta} must be > 0": algo.beta <= 0,
         f"algo.tau={algo.tau} must be > 0 (or null: the reward model's own)": algo.tau is not None and algo.tau <= 0,
         f"algo.iterations={algo.iterations} must be >= 1": algo.iterations < 1,
@@ -120,9 +126,11 @@ def check_config(cfg) -> None:
     local_prompts, remainder = divmod(algo.prompts_per_iteration, world_size())
     pairs_per_step = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps
     if remainder or local_prompts < pairs_per_step:
-        problems.append(f"algo.prompts_per_iteration={algo.prompts_per_iteration} must be a multiple of the world size "
-                        f"{world_size()} giving each rank at least train.micro_batch_size x gradient_accumulation_steps = "
-                        f"{pairs_per_step} pairs")
+        problems.append(
+            f"algo.prompts_per_iteration={algo.prompts_per_iteration} must be a multiple of the world size "
+            f"{world_size()} giving each rank at least train.micro_batch_size x gradient_accumulation_steps = "
+            f"{pairs_per_step} pairs"
+        )
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -167,29 +175,56 @@ def setup(cfg) -> GPORun:
     if cfg.peft.enabled:
         model = wrap_lora(model, cfg.peft)
     module = CausalLMWithLogprobs(model, fused=cfg.model.fused_logprobs, zero_stage=cfg.deepspeed.zero_stage)
-    prompt_plan = StepPlan(cfg.algo.prompts_per_iteration // world_size(), 1, world_size(), len(train_prompts), cfg.seed)
+    prompt_plan = StepPlan(
+        cfg.algo.prompts_per_iteration // world_size(), 1, world_size(), len(train_prompts), cfg.seed
+    )
     prompt_plan.step_indices(0)  # fewer train prompts than one iteration fails now, with the numbers
     pairs_per_step = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps
     steps_per_epoch = prompt_plan.micro_batch_size // pairs_per_step
     total_steps = cfg.algo.iterations * cfg.algo.epochs_per_iteration * steps_per_epoch
     engine = backend.build_engine(module, cfg, total_steps)
     scorer.model.to(engine.device)
-    rollout = build_rollout_service(cfg.rollout, rollout_model_dir(cfg, run_dir, engine.module.policy, tokenizer), tokenizer)
+    rollout = build_rollout_service(
+        cfg.rollout, rollout_model_dir(cfg, run_dir, engine.module.policy, tokenizer), tokenizer
+    )
     start_iteration = load_checkpoint(engine, checkpoint)["step"] if checkpoint else 0
     if checkpoint:
         log.info("resumed from %s (iteration %d)", checkpoint, start_iteration)
         rollout.sync_weights(engine)
-    log.info("GPO (%s, beta %g, tau %g): %d train / %d eval prompts, %d iterations of %d prompts x K=%d samples, "
-             "%d optimizer steps each", cfg.algo.loss, cfg.algo.beta, scorer.tau, len(train_prompts), len(eval_prompts),
-             cfg.algo.iterations, cfg.algo.prompts_per_iteration, cfg.algo.sampling.n, cfg.algo.epochs_per_iteration * steps_per_epoch)
-    return GPORun(cfg, run_dir, tokenizer, engine, rollout, scorer, train_prompts, eval_prompts[rank() :: world_size()],
-                  prompt_plan, steps_per_epoch, start_iteration)
+    log.info(
+        "GPO (%s, beta %g, tau %g): %d train / %d eval prompts, %d iterations of %d prompts x K=%d samples, "
+        "%d optimizer steps each",
+        cfg.algo.loss,
+        cfg.algo.beta,
+        scorer.tau,
+        len(train_prompts),
+        len(eval_prompts),
+        cfg.algo.iterations,
+        cfg.algo.prompts_per_iteration,
+        cfg.algo.sampling.n,
+        cfg.algo.epochs_per_iteration * steps_per_epoch,
+    )
+    return GPORun(
+        cfg,
+        run_dir,
+        tokenizer,
+        engine,
+        rollout,
+        scorer,
+        train_prompts,
+        eval_prompts[rank() :: world_size()],
+        prompt_plan,
+        steps_per_epoch,
+        start_iteration,
+    )
 
 
 def sampling_config(algo, n: int, iteration: int) -> SamplingConfig:
     """`algo.sampling` with `n` samples; a set sampling.seed is offset per iteration (reproducible, never reused).
     (The vllm backend drops it on CPU, where vLLM cannot seed single requests; the hf backend honours it.)"""
-    sampling = as_sampling_config(OmegaConf.to_container(algo.sampling) if OmegaConf.is_config(algo.sampling) else algo.sampling)
+    sampling = as_sampling_config(
+        OmegaConf.to_container(algo.sampling) if OmegaConf.is_config(algo.sampling) else algo.sampling
+    )
     seed = None if sampling.seed is None else sampling.seed + 1_000_003 * (iteration + 1)
     return dataclasses.replace(sampling, n=n, seed=seed)
 
@@ -217,19 +252,30 @@ def self_play_pairs(run: GPORun, prompts: list[PromptRow], groups) -> tuple[Self
     rows = torch.arange(len(prompts))
     examples, engine_w, engine_l = [], [], []
     for group, b, w in zip(groups, best.tolist(), worst.tolist()):
-        examples.append(PreferenceExample(completion_example(group[b]), completion_example(group[w]), len(group[b].prompt_token_ids)))
+        examples.append(
+            PreferenceExample(
+                completion_example(group[b]), completion_example(group[w]), len(group[b].prompt_token_ids)
+            )
+        )
         engine_w.append(sum(group[b].logprobs))
         engine_l.append(sum(group[w].logprobs))
     mean_scores = scores.mean(-1) / run.scorer.tau  # s_hat whatever the loss, for a comparable spread metric
     stats = {
-        "s_hat_sum": float(mean_scores.sum()), "s_hat_sq": float((mean_scores**2).sum()), "samples": float(mean_scores.numel()),
+        "s_hat_sum": float(mean_scores.sum()),
+        "s_hat_sq": float((mean_scores**2).sum()),
+        "samples": float(mean_scores.numel()),
         "response_tokens": float(sum(len(c.token_ids) for group in groups for c in group)),
         "truncated": float(sum(c.finish_reason != "stop" for group in groups for c in group)),
         "target_margin_sum": float((targets[rows, best] - targets[rows, worst]).sum()),
         "identical_pairs": float(sum(e.chosen.input_ids == e.rejected.input_ids for e in examples)),
     }
-    pairs = SelfPlayPairs(examples, targets[rows, best].float(), targets[rows, worst].float(),
-                          torch.tensor(engine_w, dtype=torch.float32), torch.tensor(engine_l, dtype=torch.float32))
+    pairs = SelfPlayPairs(
+        examples,
+        targets[rows, best].float(),
+        targets[rows, worst].float(),
+        torch.tensor(engine_w, dtype=torch.float32),
+        torch.tensor(engine_l, dtype=torch.float32),
+    )
     return pairs, stats
 
 
@@ -251,9 +297,13 @@ def previous_iterate_logprobs(run: GPORun, pairs: SelfPlayPairs, temperature: fl
     for start in range(0, len(pairs.examples), size):
         batch = collate_pairs(pairs.examples[start : start + size], run.cfg.data.packing, run.tokenizer.pad_token_id)
         batch = batch.to(run.engine.device)
-        w, l = pair_logprob_sums(run.engine, batch) if temperature == 1.0 else tempered_logprob_sums(run.engine, batch, temperature)
-        winners.append(w.cpu())
-        losers.append(l.cpu())
+        winner, loser = (
+            pair_logprob_sums(run.engine, batch)
+            if temperature == 1.0
+            else tempered_logprob_sums(run.engine, batch, temperature)
+        )
+        winners.append(winner.cpu())
+        losers.append(loser.cpu())
     run.engine.train()
     return torch.cat(winners), torch.cat(losers)
 
@@ -275,8 +325,13 @@ def sync_gap(run: GPORun, pairs: SelfPlayPairs) -> float | None:
 def update_policy(run: GPORun, pairs: SelfPlayPairs, iteration: int) -> dict[str, float]:
     """`epochs_per_iteration` passes over the pairs; metrics are pair-weighted means over all micro-batches."""
     cfg, engine = run.cfg, run.engine
-    plan = StepPlan(cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, 1, len(pairs.examples),
-                    cfg.seed * 7919 + iteration)  # local pairs: DeepSpeed's mean over ranks makes the global mean
+    plan = StepPlan(
+        cfg.train.micro_batch_size,
+        cfg.train.gradient_accumulation_steps,
+        1,
+        len(pairs.examples),
+        cfg.seed * 7919 + iteration,
+    )  # local pairs: DeepSpeed's mean over ranks makes the global mean
     loss_fn = get_loss(cfg.algo.loss)
     totals = [0.0] * (len(LOSS_METRICS) + 1)
     for step in range(cfg.algo.epochs_per_iteration * run.steps_per_epoch):
@@ -285,8 +340,15 @@ def update_policy(run: GPORun, pairs: SelfPlayPairs, iteration: int) -> dict[str
             policy_w, policy_l = pair_logprob_sums(engine, batch.to(engine.device))
             device = policy_w.device
             picked = torch.tensor(indices)
-            loss, metrics = loss_fn(policy_w, policy_l, pairs.reference_w[picked].to(device), pairs.reference_l[picked].to(device),
-                                    pairs.target_w[picked].to(device), pairs.target_l[picked].to(device), beta=cfg.algo.beta)
+            loss, metrics = loss_fn(
+                policy_w,
+                policy_l,
+                pairs.reference_w[picked].to(device),
+                pairs.reference_l[picked].to(device),
+                pairs.target_w[picked].to(device),
+                pairs.target_l[picked].to(device),
+                beta=cfg.algo.beta,
+            )
             engine.backward(loss * pair_loss_scale(len(indices), plan), scale_wrt_gas=False)
             backend.step(engine, cfg.optim.max_grad_norm)
             for position, name in enumerate(LOSS_METRICS):
@@ -307,7 +369,9 @@ def load_or_draw_initial_samples(run: GPORun) -> None:
         run.initial_samples = [json.loads(line)["responses"] for line in path.read_text().splitlines() if line.strip()]
         return
     if run.start_iteration > 0:
-        raise ConfigError(f"{path} is missing: a resumed GPO run compares against the initial policy's samples saved there")
+        raise ConfigError(
+            f"{path} is missing: a resumed GPO run compares against the initial policy's samples saved there"
+        )
     run.initial_samples = []
     if run.eval_prompts:
         sampling = sampling_config(run.cfg.algo, run.cfg.algo.eval_samples_per_prompt, -1)
@@ -315,26 +379,50 @@ def load_or_draw_initial_samples(run: GPORun) -> None:
         run.initial_samples = [[completion.text for completion in group] for group in groups]
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(".tmp")
-    staging.write_text("".join(json.dumps({"prompt": p.prompt, "responses": r}) + "\n" for p, r in zip(run.eval_prompts, run.initial_samples)))
+    staging.write_text(
+        "".join(
+            json.dumps({"prompt": p.prompt, "responses": r}) + "\n"
+            for p, r in zip(run.eval_prompts, run.initial_samples)
+        )
+    )
     staging.replace(path)
 
 
 def score_against_initial(run: GPORun, iteration: int) -> dict[str, float]:
     """Mean s(y > y0) / win rate sigma(s / tau) of fresh samples y of the current policy against the initial y0."""
-    totals = [0.0, 0.0, 0.0, 0.0, 0.0]  # score sum, score^2 sum (per sample, mean over y0), win-rate sum, samples, tokens
+    totals = [
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+    ]  # score sum, score^2 sum (per sample, mean over y0), win-rate sum, samples, tokens
     if run.eval_prompts:
         m = run.cfg.algo.eval_samples_per_prompt
-        groups = grouped_completions(run.rollout, [p.prompt for p in run.eval_prompts], sampling_config(run.cfg.algo, m, 10_000 + iteration))
+        groups = grouped_completions(
+            run.rollout, [p.prompt for p in run.eval_prompts], sampling_config(run.cfg.algo, m, 10_000 + iteration)
+        )
         responses = [[c.text for c in group] + initial for group, initial in zip(groups, run.initial_samples)]
-        scores = run.scorer.matrices([p.prompt for p in run.eval_prompts], responses)[:, :m, m:]  # [P, current, initial]
+        scores = run.scorer.matrices([p.prompt for p in run.eval_prompts], responses)[
+            :, :m, m:
+        ]  # [P, current, initial]
         per_sample = scores.mean(-1)
-        totals = [float(per_sample.sum()), float((per_sample**2).sum()), float(torch.sigmoid(scores / run.scorer.tau).mean(-1).sum()),
-                  float(per_sample.numel()), float(sum(len(c.token_ids) for group in groups for c in group))]
+        totals = [
+            float(per_sample.sum()),
+            float((per_sample**2).sum()),
+            float(torch.sigmoid(scores / run.scorer.tau).mean(-1).sum()),
+            float(per_sample.numel()),
+            float(sum(len(c.token_ids) for group in groups for c in group)),
+        ]
     score, score_sq, wins, samples, tokens = all_reduce_sum(totals)
     samples = max(samples, 1.0)
     mean = score / samples
-    return {"score_vs_initial": mean, "score_vs_initial_std": max(score_sq / samples - mean**2, 0.0) ** 0.5,
-            "win_rate_vs_initial": wins / samples, "eval_response_length": tokens / samples}
+    return {
+        "score_vs_initial": mean,
+        "score_vs_initial_std": max(score_sq / samples - mean**2, 0.0) ** 0.5,
+        "win_rate_vs_initial": wins / samples,
+        "eval_response_length": tokens / samples,
+    }
 
 
 def iteration_step(run: GPORun, iteration: int) -> dict[str, float]:
@@ -342,7 +430,9 @@ def iteration_step(run: GPORun, iteration: int) -> dict[str, float]:
     algo = run.cfg.algo
     prompts = [run.train_prompts[i] for i in run.prompt_plan.micro_batches(iteration, rank())[0]]
     started = time.perf_counter()
-    groups = grouped_completions(run.rollout, [p.prompt for p in prompts], sampling_config(algo, algo.sampling.n, iteration))
+    groups = grouped_completions(
+        run.rollout, [p.prompt for p in prompts], sampling_config(algo, algo.sampling.n, iteration)
+    )
     rollout_seconds = time.perf_counter() - started
     started = time.perf_counter()
     pairs, stats = self_play_pairs(run, prompts, groups)
@@ -357,15 +447,20 @@ def iteration_step(run: GPORun, iteration: int) -> dict[str, float]:
     totals = dict(zip(names, all_reduce_sum([stats[name] for name in names])))
     samples = totals["samples"]
     mean = totals["s_hat_sum"] / samples
-    metrics.update({
-        "s_hat_std": max(totals["s_hat_sq"] / samples - mean**2, 0.0) ** 0.5,
-        "target_margin": totals["target_margin_sum"] / (samples / algo.sampling.n),
-        "identical_pair_fraction": totals["identical_pairs"] / (samples / algo.sampling.n),
-        "response_length": totals["response_tokens"] / samples,
-        "truncated_fraction": totals["truncated"] / samples,
-        "lr": backend.current_lr(run.engine), "grad_norm": backend.grad_norm(run.engine),
-        "rollout_seconds": rollout_seconds, "scoring_seconds": scoring_seconds, "train_seconds": train_seconds,
-    })
+    metrics.update(
+        {
+            "s_hat_std": max(totals["s_hat_sq"] / samples - mean**2, 0.0) ** 0.5,
+            "target_margin": totals["target_margin_sum"] / (samples / algo.sampling.n),
+            "identical_pair_fraction": totals["identical_pairs"] / (samples / algo.sampling.n),
+            "response_length": totals["response_tokens"] / samples,
+            "truncated_fraction": totals["truncated"] / samples,
+            "lr": backend.current_lr(run.engine),
+            "grad_norm": backend.grad_norm(run.engine),
+            "rollout_seconds": rollout_seconds,
+            "scoring_seconds": scoring_seconds,
+            "train_seconds": train_seconds,
+        }
+    )
     if gap is not None:
         metrics["sync/max_logprob_gap"] = max(all_reduce_max(gap), 0.0)
     return metrics
@@ -379,8 +474,13 @@ def all_reduce_max(value: float) -> float:
 
 
 def save(run: GPORun, iteration: int) -> None:
-    save_checkpoint(run.engine, run.run_dir, iteration, {"algo": "gpo", "loss": run.cfg.algo.loss, "iterations": run.cfg.algo.iterations},
-                    run.cfg.checkpoint.keep_last)
+    save_checkpoint(
+        run.engine,
+        run.run_dir,
+        iteration,
+        {"algo": "gpo", "loss": run.cfg.algo.loss, "iterations": run.cfg.algo.iterations},
+        run.cfg.checkpoint.keep_last,
+    )
 
 
 def train(run: GPORun) -> None:

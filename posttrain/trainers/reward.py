@@ -49,8 +49,9 @@ class RewardRun:
 
 
 def head_config(algo) -> RewardHeadConfig:
-    return RewardHeadConfig(head=algo.head, embed_dim=algo.embed_dim, normalize=algo.normalize,
-                            prompt_gate=algo.prompt_gate, tau=algo.tau)
+    return RewardHeadConfig(
+        head=algo.head, embed_dim=algo.embed_dim, normalize=algo.normalize, prompt_gate=algo.prompt_gate, tau=algo.tau
+    )
 
 
 def setup(cfg) -> RewardRun:
@@ -67,24 +68,38 @@ def setup(cfg) -> RewardRun:
     if not cfg.model.path and rank() == 0 and not (run_dir / "tokenizer").exists():
         tokenizer.save_pretrained(str(run_dir / "tokenizer"))
     model = build_reward_model(cfg.model, tokenizer, cfg.seed, head)
-    plan = StepPlan(cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, world_size(), len(train_examples), cfg.seed)
+    plan = StepPlan(
+        cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, world_size(), len(train_examples), cfg.seed
+    )
     total_steps = total_optimizer_steps(plan, cfg.train)
     engine = backend.build_engine(model, cfg, total_steps)
     start_step = load_checkpoint(engine, checkpoint)["step"] if checkpoint else 0
     if checkpoint:
         log.info("resumed from %s (step %d)", checkpoint, start_step)
     log.info(
-        "reward model (%s): %d train / %d eval pairs, %d steps, effective batch %d pairs (micro %d x accum %d x world %d)",
-        cfg.algo.head, len(train_examples), len(eval_examples), total_steps, plan.examples_per_step,
-        plan.micro_batch_size, plan.gradient_accumulation_steps, plan.world_size,
+        "reward model (%s): %d train / %d eval pairs, %d steps, effective batch %d pairs (micro %d x accum %d x "
+        "world %d)",
+        cfg.algo.head,
+        len(train_examples),
+        len(eval_examples),
+        total_steps,
+        plan.examples_per_step,
+        plan.micro_batch_size,
+        plan.gradient_accumulation_steps,
+        plan.world_size,
     )
     return RewardRun(cfg, run_dir, tokenizer, engine, plan, train_examples, eval_examples, total_steps, start_step)
 
 
 def head_outputs(run: RewardRun, batch: PairBatch):
     """(chosen values [B, D], rejected values [B, D], gate [B, k] or None) from ONE forward."""
-    values, gate = run.engine(batch.inputs["input_ids"], batch.last_index, batch.prompt_index,
-                              position_ids=batch.inputs["position_ids"], attention_mask=batch.inputs.get("attention_mask"))
+    values, gate = run.engine(
+        batch.inputs["input_ids"],
+        batch.last_index,
+        batch.prompt_index,
+        position_ids=batch.inputs["position_ids"],
+        attention_mask=batch.inputs.get("attention_mask"),
+    )
     pairs = batch.num_pairs
     return values[:pairs], values[pairs:], None if gate is None else gate[:pairs]  # one prompt: one gate per pair
 
@@ -113,8 +128,13 @@ def train_step(run: RewardRun, step: int) -> dict[str, float]:
         totals[3] += sum(pair.num_tokens for pair in pairs)
     elapsed = time.perf_counter() - started
     totals = all_reduce_sum(totals)
-    return {"loss": totals[0] / totals[2], "accuracy": totals[1] / totals[2], "lr": lr,
-            "grad_norm": backend.grad_norm(run.engine), "tokens_per_second": totals[3] / elapsed}
+    return {
+        "loss": totals[0] / totals[2],
+        "accuracy": totals[1] / totals[2],
+        "lr": lr,
+        "grad_norm": backend.grad_norm(run.engine),
+        "tokens_per_second": totals[3] / elapsed,
+    }
 
 
 @torch.no_grad()
@@ -138,15 +158,24 @@ def evaluate(run: RewardRun) -> dict[str, float]:
 
 
 def save(run: RewardRun, step: int) -> None:
-    save_checkpoint(run.engine, run.run_dir, step, {"algo": "rm", "head": run.cfg.algo.head, "total_steps": run.total_steps},
-                    run.cfg.checkpoint.keep_last)
+    save_checkpoint(
+        run.engine,
+        run.run_dir,
+        step,
+        {"algo": "rm", "head": run.cfg.algo.head, "total_steps": run.total_steps},
+        run.cfg.checkpoint.keep_last,
+    )
 
 
 def export(run: RewardRun) -> None:
     """final/: the reward-model directory (weights gathered under ZeRO-3, written by rank 0)."""
     model = run.engine.module
     with gathered_parameters(model, run.cfg.deepspeed.zero_stage):
-        state = {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()} if is_main_process() else None
+        state = (
+            {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
+            if is_main_process()
+            else None
+        )
     if is_main_process():
         save_reward_model(model, run.tokenizer, run.run_dir / "final", state)
     barrier()
@@ -161,7 +190,12 @@ def train(run: RewardRun) -> None:
         for step in range(run.start_step, run.total_steps):
             metrics = train_step(run, step)
             done = step + 1
-            if run.eval_examples and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != run.total_steps:
+            if (
+                run.eval_examples
+                and cfg.train.eval_every
+                and done % cfg.train.eval_every == 0
+                and done != run.total_steps
+            ):
                 metrics.update(evaluate(run))
             if done % cfg.logger.log_every == 0 or done == run.total_steps:
                 run.logger.log(done, metrics)

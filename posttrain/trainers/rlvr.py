@@ -70,11 +70,15 @@ class RLVRRun:
 def check_config(cfg) -> None:
     algo = cfg.algo
     if algo.prompts_per_step % world_size():
-        raise ConfigError(f"algo.prompts_per_step={algo.prompts_per_step} must be a multiple of the world size {world_size()}")
+        raise ConfigError(
+            f"algo.prompts_per_step={algo.prompts_per_step} must be a multiple of the world size {world_size()}"
+        )
     if algo.sampling.n < 2 and algo.drop_zero_variance_groups:
         raise ConfigError("algo.sampling.n must be >= 2 for group advantages (a group of one has no variance)")
     if algo.reference_refresh_every and cfg.peft.enabled:
-        raise ConfigError("algo.reference_refresh_every needs full fine-tuning: with peft=lora the reference is the base model")
+        raise ConfigError(
+            "algo.reference_refresh_every needs full fine-tuning: with peft=lora the reference is the base model"
+        )
 
 
 def build_reference(cfg, tokenizer, module: CausalLMWithLogprobs):
@@ -82,8 +86,11 @@ def build_reference(cfg, tokenizer, module: CausalLMWithLogprobs):
     if cfg.algo.kl_beta == 0.0 or cfg.peft.enabled:
         return None
     model = load_model(cfg.model, tokenizer, cfg.seed)
-    return frozen_model(CausalLMWithLogprobs(model, cfg.model.fused_logprobs, cfg.deepspeed.zero_stage),
-                        cfg.deepspeed.zero_stage, cfg.model.dtype)
+    return frozen_model(
+        CausalLMWithLogprobs(model, cfg.model.fused_logprobs, cfg.deepspeed.zero_stage),
+        cfg.deepspeed.zero_stage,
+        cfg.model.dtype,
+    )
 
 
 def setup(cfg) -> RLVRRun:
@@ -95,7 +102,9 @@ def setup(cfg) -> RLVRRun:
 
     train_rows, eval_rows = load_rows(cfg.data, "train"), load_rows(cfg.data, "eval")
     train_prompts = build_prompt_rows(train_rows, need_verifier=True, known_verifiers=VERIFIERS.names())
-    eval_prompts = build_prompt_rows(eval_rows, need_verifier=True, known_verifiers=VERIFIERS.names()) if eval_rows else []
+    eval_prompts = (
+        build_prompt_rows(eval_rows, need_verifier=True, known_verifiers=VERIFIERS.names()) if eval_rows else []
+    )
     saved_tokenizer = run_dir / "tokenizer"
     texts = [m["content"] for p in train_prompts for m in p.prompt]
     tokenizer = load_tokenizer(cfg.model, texts, saved_tokenizer if saved_tokenizer.exists() else None)
@@ -120,9 +129,17 @@ def setup(cfg) -> RLVRRun:
     if checkpoint:
         log.info("resumed from %s (rollout step %d)", checkpoint, start_step)
     rollout.sync_weights(engine)  # the engine may hold older weights than the trainer (resume)
-    log.info("RLVR: %d train / %d eval prompts, %d rollout steps of %d prompts x %d samples",
-             len(train_prompts), len(eval_prompts), total_steps, cfg.algo.prompts_per_step, cfg.algo.sampling.n)
-    return RLVRRun(cfg, run_dir, tokenizer, engine, reference, rollout, train_prompts, eval_prompts, plan, total_steps, start_step)
+    log.info(
+        "RLVR: %d train / %d eval prompts, %d rollout steps of %d prompts x %d samples",
+        len(train_prompts),
+        len(eval_prompts),
+        total_steps,
+        cfg.algo.prompts_per_step,
+        cfg.algo.sampling.n,
+    )
+    return RLVRRun(
+        cfg, run_dir, tokenizer, engine, reference, rollout, train_prompts, eval_prompts, plan, total_steps, start_step
+    )
 
 
 def response_logprobs(model, sequences: list[Sequence], with_entropy: bool = False, temperature: float = 1.0):
@@ -156,10 +173,19 @@ def sample_and_score(run: RLVRRun, prompts: list[PromptRow]):
     """Completions for `prompts` (n each), their rewards [P, n] and rollout metrics."""
     algo = run.cfg.algo
     completions = run.rollout.generate([p.prompt for p in prompts], SamplingConfig(**algo.sampling))
-    rows = [{"verifier": prompts[c.prompt_index].verifier, "ground_truth": prompts[c.prompt_index].ground_truth} for c in completions]
+    rows = [
+        {"verifier": prompts[c.prompt_index].verifier, "ground_truth": prompts[c.prompt_index].ground_truth}
+        for c in completions
+    ]
     finished = [c.finish_reason == "stop" for c in completions]
-    rewards, counts = score_batch(rows, [c.text for c in completions], finished, algo.verification_reward,
-                                  algo.nonstop_penalty, algo.verifier_timeout_s)
+    rewards, counts = score_batch(
+        rows,
+        [c.text for c in completions],
+        finished,
+        algo.verification_reward,
+        algo.nonstop_penalty,
+        algo.verifier_timeout_s,
+    )
     metrics = {
         "verified": sum(r >= algo.verification_reward for r in rewards),
         "truncated": sum(not f for f in finished),
@@ -193,7 +219,9 @@ def chunks(items: list, parts: int) -> list[list]:
     return out
 
 
-def loss_scale(aggregation: str, chunk: list[Sequence], chunk_tokens: float, total_tokens: float, total_sequences: float) -> float:
+def loss_scale(
+    aggregation: str, chunk: list[Sequence], chunk_tokens: float, total_tokens: float, total_sequences: float
+) -> float:
     """Weight of a chunk's aggregated loss so that summing chunks (and DeepSpeed's mean over ranks)
     gives the aggregation over the whole minibatch on all ranks."""
     if aggregation == "token_mean":
@@ -213,22 +241,36 @@ def optimizer_step(run: RLVRRun, minibatch: list[Sequence], old: dict | None, re
     sums = {"clip_fraction": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0}
     for chunk in chunks(minibatch, cfg.train.gradient_accumulation_steps):
         if not chunk:  # keep every rank's backward count equal; contributes no gradient
-            dummy = Sequence(TokenizedExample([run.tokenizer.eos_token_id] * 2, [IGNORE_INDEX, run.tokenizer.eos_token_id]), 1, 0.0)
+            dummy = Sequence(
+                TokenizedExample([run.tokenizer.eos_token_id] * 2, [IGNORE_INDEX, run.tokenizer.eos_token_id]), 1, 0.0
+            )
             logprobs, _, _ = response_logprobs(engine, [dummy])
             engine.backward(logprobs.sum() * 0.0, scale_wrt_gas=False)
             backend.step(engine, cfg.optim.max_grad_norm)
             continue
-        logprobs, entropy, mask = response_logprobs(engine, chunk, with_entropy=True, temperature=sampling_temperature(algo))
+        logprobs, entropy, mask = response_logprobs(
+            engine, chunk, with_entropy=True, temperature=sampling_temperature(algo)
+        )
         ids = [id(s) for s in chunk]
         loss, parts = get_loss("grpo")(
-            logprobs, old_logprob_rows(old, chunk, logprobs, mask), torch.tensor([s.advantage for s in chunk], device=mask.device), mask,
-            clip_low=algo.clip_low, clip_high=algo.clip_high,
+            logprobs,
+            old_logprob_rows(old, chunk, logprobs, mask),
+            torch.tensor([s.advantage for s in chunk], device=mask.device),
+            mask,
+            clip_low=algo.clip_low,
+            clip_high=algo.clip_high,
             reference_logprobs=pad_rows([reference[i] for i in ids], mask) if reference else None,
-            kl_beta=algo.kl_beta, kl_estimator=algo.kl_estimator, entropy=entropy, entropy_coef=algo.entropy_coef,
-            aggregation=algo.aggregation, constant_normalizer=constant,
+            kl_beta=algo.kl_beta,
+            kl_estimator=algo.kl_estimator,
+            entropy=entropy,
+            entropy_coef=algo.entropy_coef,
+            aggregation=algo.aggregation,
+            constant_normalizer=constant,
         )
         chunk_tokens = float(mask.sum())
-        engine.backward(loss * loss_scale(algo.aggregation, chunk, chunk_tokens, total_tokens, total_sequences), scale_wrt_gas=False)
+        engine.backward(
+            loss * loss_scale(algo.aggregation, chunk, chunk_tokens, total_tokens, total_sequences), scale_wrt_gas=False
+        )
         backend.step(engine, cfg.optim.max_grad_norm)
         for key in ("clip_fraction", "kl", "entropy"):
             if key in parts:
@@ -241,7 +283,9 @@ def optimizer_step(run: RLVRRun, minibatch: list[Sequence], old: dict | None, re
     return metrics
 
 
-def old_logprob_rows(old: dict | None, chunk: list[Sequence], logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def old_logprob_rows(
+    old: dict | None, chunk: list[Sequence], logprobs: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """The chunk's old log-probs [B, T]: recomputed ones from `old`, or (None, see `single_update`) the chunk's
     own log-probs detached."""
     return logprobs.detach() if old is None else pad_rows([old[id(s)] for s in chunk], mask)
@@ -259,7 +303,9 @@ def sampling_temperature(algo) -> float:
 
 
 @torch.no_grad()
-def per_sequence_logprobs(model, sequences: list[Sequence], micro_batch_size: int, temperature: float) -> dict[int, torch.Tensor]:
+def per_sequence_logprobs(
+    model, sequences: list[Sequence], micro_batch_size: int, temperature: float
+) -> dict[int, torch.Tensor]:
     """{id(sequence): completion-token log-probs [L]} under `model` at `temperature` (no grad)."""
     out = {}
     for start in range(0, len(sequences), micro_batch_size):
@@ -291,8 +337,11 @@ def update_policy(run: RLVRRun, sequences: list[Sequence], step: int) -> dict[st
     """Old log-probs (unless `single_update`), then the configured optimizer steps over the rollout batch."""
     algo, engine = run.cfg.algo, run.engine
     engine.eval()  # log-prob recomputation must match training forwards (no dropout either way)
-    old = None if single_update(algo) else per_sequence_logprobs(engine, sequences, run.cfg.train.micro_batch_size,
-                                                                  sampling_temperature(algo))
+    old = (
+        None
+        if single_update(algo)
+        else per_sequence_logprobs(engine, sequences, run.cfg.train.micro_batch_size, sampling_temperature(algo))
+    )
     reference = reference_logprobs(run, sequences)
     engine.train()
     metrics: dict[str, float] = {}
@@ -321,7 +370,13 @@ def rollout_step(run: RLVRRun, step: int) -> dict[str, float]:
         run.rollout.sync_weights(run.engine)
     train_seconds = time.perf_counter() - started
     reward_sum, reward_sq, samples, kept_groups, *count_values = all_reduce_sum(
-        [float(rewards.sum()), float((rewards**2).sum()), float(rewards.numel()), float(keep.sum()), *map(float, counts.values())]
+        [
+            float(rewards.sum()),
+            float((rewards**2).sum()),
+            float(rewards.numel()),
+            float(keep.sum()),
+            *map(float, counts.values()),
+        ]
     )
     totals = dict(zip(counts, count_values))
     mean = reward_sum / samples
@@ -348,10 +403,16 @@ def evaluate(run: RLVRRun) -> dict[str, float]:
     `eval_greedy_accuracy` always; with `eval_temperature` > 0 also `eval_sampled_accuracy`, pass@1 averaged
     over `eval_samples_per_prompt` samples at that temperature. `eval_accuracy` is the configured one."""
     algo = run.cfg.algo
-    result = {"eval_greedy_accuracy": verified_fraction(run, SamplingConfig(n=1, temperature=0.0, max_tokens=algo.eval_max_tokens))}
+    result = {
+        "eval_greedy_accuracy": verified_fraction(
+            run, SamplingConfig(n=1, temperature=0.0, max_tokens=algo.eval_max_tokens)
+        )
+    }
     result["eval_accuracy"] = result["eval_greedy_accuracy"]
     if algo.eval_temperature > 0:
-        sampling = SamplingConfig(n=algo.eval_samples_per_prompt, temperature=algo.eval_temperature, max_tokens=algo.eval_max_tokens)
+        sampling = SamplingConfig(
+            n=algo.eval_samples_per_prompt, temperature=algo.eval_temperature, max_tokens=algo.eval_max_tokens
+        )
         result["eval_sampled_accuracy"] = result["eval_accuracy"] = verified_fraction(run, sampling)
     return result
 
@@ -362,8 +423,13 @@ def verified_fraction(run: RLVRRun, sampling: SamplingConfig) -> float:
     correct, samples = 0.0, 0.0
     if mine:
         completions = run.rollout.generate([p.prompt for p in mine], sampling)
-        rows = [{"verifier": mine[c.prompt_index].verifier, "ground_truth": mine[c.prompt_index].ground_truth} for c in completions]
-        rewards, _ = score_batch(rows, [c.text for c in completions], [True] * len(completions), 1.0, 0.0, run.cfg.algo.verifier_timeout_s)
+        rows = [
+            {"verifier": mine[c.prompt_index].verifier, "ground_truth": mine[c.prompt_index].ground_truth}
+            for c in completions
+        ]
+        rewards, _ = score_batch(
+            rows, [c.text for c in completions], [True] * len(completions), 1.0, 0.0, run.cfg.algo.verifier_timeout_s
+        )
         correct, samples = float(sum(r >= 1.0 for r in rewards)), float(len(completions))
     total_correct, total = all_reduce_sum([correct, samples])
     return total_correct / max(total, 1.0)
@@ -380,7 +446,9 @@ def refresh_reference(run: RLVRRun) -> None:
 
 
 def save(run: RLVRRun, step: int) -> None:
-    save_checkpoint(run.engine, run.run_dir, step, {"algo": "rlvr", "total_steps": run.total_steps}, run.cfg.checkpoint.keep_last)
+    save_checkpoint(
+        run.engine, run.run_dir, step, {"algo": "rlvr", "total_steps": run.total_steps}, run.cfg.checkpoint.keep_last
+    )
 
 
 def train(run: RLVRRun) -> None:
@@ -392,7 +460,11 @@ def train(run: RLVRRun) -> None:
         for step in range(run.start_step, run.total_steps):
             metrics = rollout_step(run, step)
             done = step + 1
-            if cfg.algo.reference_refresh_every and run.reference is not None and done % cfg.algo.reference_refresh_every == 0:
+            if (
+                cfg.algo.reference_refresh_every
+                and run.reference is not None
+                and done % cfg.algo.reference_refresh_every == 0
+            ):
                 refresh_reference(run)
             if run.eval_prompts and cfg.algo.eval_every and done % cfg.algo.eval_every == 0 and done != run.total_steps:
                 metrics.update(evaluate(run))

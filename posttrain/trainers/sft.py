@@ -65,7 +65,9 @@ def setup(cfg) -> SFTRun:
     # Read and validate all data before writing anything into the run dir.
     train_rows, eval_rows = load_rows(cfg.data, "train"), load_rows(cfg.data, "eval")
     saved_tokenizer = run_dir / "tokenizer"
-    tokenizer = load_tokenizer(cfg.model, conversation_texts(train_rows), saved_tokenizer if saved_tokenizer.exists() else None)
+    tokenizer = load_tokenizer(
+        cfg.model, conversation_texts(train_rows), saved_tokenizer if saved_tokenizer.exists() else None
+    )
     train_examples, _ = build_sft_examples(train_rows, tokenizer, cfg.data, "train")
     eval_examples = build_sft_examples(eval_rows, tokenizer, cfg.data, "eval")[0] if eval_rows else []
 
@@ -78,7 +80,9 @@ def setup(cfg) -> SFTRun:
         model = wrap_lora(model, cfg.peft)
     module = CausalLMWithLogprobs(model, fused=cfg.model.fused_logprobs, zero_stage=cfg.deepspeed.zero_stage)
 
-    plan = StepPlan(cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, world_size(), len(train_examples), cfg.seed)
+    plan = StepPlan(
+        cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, world_size(), len(train_examples), cfg.seed
+    )
     total_steps = total_optimizer_steps(plan, cfg.train)
     engine = backend.build_engine(module, cfg, total_steps)
     start_step = load_checkpoint(engine, checkpoint)["step"] if checkpoint else 0
@@ -86,8 +90,13 @@ def setup(cfg) -> SFTRun:
         log.info("resumed from %s (step %d)", checkpoint, start_step)
     log.info(
         "SFT: %d train / %d eval examples, %d steps, effective batch %d (micro %d x accum %d x world %d)",
-        len(train_examples), len(eval_examples), total_steps, plan.examples_per_step,
-        plan.micro_batch_size, plan.gradient_accumulation_steps, plan.world_size,
+        len(train_examples),
+        len(eval_examples),
+        total_steps,
+        plan.examples_per_step,
+        plan.micro_batch_size,
+        plan.gradient_accumulation_steps,
+        plan.world_size,
     )
     return SFTRun(cfg, run_dir, tokenizer, engine, plan, train_examples, eval_examples, total_steps, start_step)
 
@@ -106,8 +115,11 @@ def train_step(run: SFTRun, step: int) -> dict[str, float]:
         targets = batch.pop("targets")
         logprobs, _ = engine(targets=targets, **batch)
         loss, parts = get_loss("sft")(
-            logprobs, (targets != IGNORE_INDEX).float(),
-            step_target_tokens=step_target_tokens, reduction=cfg.algo.loss_reduction, world_size=world_size(),
+            logprobs,
+            (targets != IGNORE_INDEX).float(),
+            step_target_tokens=step_target_tokens,
+            reduction=cfg.algo.loss_reduction,
+            world_size=world_size(),
         )
         engine.backward(loss, scale_wrt_gas=False)
         backend.step(engine, cfg.optim.max_grad_norm)
@@ -144,7 +156,9 @@ def evaluate(run: SFTRun) -> float:
 
 
 def save(run: SFTRun, step: int) -> None:
-    save_checkpoint(run.engine, run.run_dir, step, {"algo": "sft", "total_steps": run.total_steps}, run.cfg.checkpoint.keep_last)
+    save_checkpoint(
+        run.engine, run.run_dir, step, {"algo": "sft", "total_steps": run.total_steps}, run.cfg.checkpoint.keep_last
+    )
 
 
 def export(run: SFTRun) -> None:

@@ -31,8 +31,11 @@ def test_noise_forgets_the_units_carry_in_that_share_of_carry_problems_only():
     noisy = generate_task("arithmetic", "train", 2000, 0, **STEPS, noise=0.6)
     assert [row["prompt"] for row in clean] == [row["prompt"] for row in noisy]  # same problems
     assert [row["ground_truth"] for row in clean] == [row["ground_truth"] for row in noisy]  # truth unchanged
-    carry_rows = [i for i, row in enumerate(clean)  # a units carry into a tens column
-                  if int(answer(row).splitlines()[0].split(" = ")[1]) >= 10 and len(answer(row).splitlines()) > 2]
+    carry_rows = [
+        i
+        for i, row in enumerate(clean)  # a units carry into a tens column
+        if int(answer(row).splitlines()[0].split(" = ")[1]) >= 10 and len(answer(row).splitlines()) > 2
+    ]
     corrupted = [i for i, row in enumerate(noisy) if row.get("noisy")]
     assert set(corrupted) <= set(carry_rows)
     assert len(corrupted) / len(carry_rows) == pytest.approx(0.6, abs=0.05)
@@ -47,12 +50,16 @@ def test_noise_forgets_the_units_carry_in_that_share_of_carry_problems_only():
 
 
 def test_noise_never_touches_the_held_out_split_and_rejects_bad_values():
-    assert generate_task("arithmetic", "eval", 100, 0, **STEPS, noise=0.9) == generate_task("arithmetic", "eval", 100, 0, **STEPS)
+    assert generate_task("arithmetic", "eval", 100, 0, **STEPS, noise=0.9) == generate_task(
+        "arithmetic", "eval", 100, 0, **STEPS
+    )
     with pytest.raises(ConfigError, match="task generator 'arithmetic' .train split, 10 rows.: noise must be in"):
         generate_task("arithmetic", "train", 10, 0, **STEPS, noise=1.0)
     with pytest.raises(ConfigError, match="steps=True"):
         generate_task("arithmetic", "train", 10, 0, noise=0.5)
     with pytest.raises(ConfigError, match="only ~1000 held-out 2-digit problems exist; ask for at most 500"):
         generate_task("arithmetic", "eval", 501, 0, **STEPS)
-    with pytest.raises(ConfigError, match="task generator 'arithmetic': .*unexpected keyword argument 'nosie'.*generator_kwargs"):
+    with pytest.raises(
+        ConfigError, match="task generator 'arithmetic': .*unexpected keyword argument 'nosie'.*generator_kwargs"
+    ):
         generate_task("arithmetic", "train", 10, 0, **STEPS, nosie=0.5)

@@ -4,22 +4,33 @@ import json
 import subprocess
 
 import pytest
-
 from cli_helpers import cli_env, posttrain_command
+
 from data_recipes.decontaminate import decontaminate, normalize_words, word_ngrams
 from posttrain.cli import run_subcommand
 from posttrain.data.sources import SourceRow
 
 EVAL_GSM = [
-    {"id": "gsm-1", "question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many "
-                                "clips in May. How many clips did Natalia sell altogether in April and May?", "answer": "72"},
-    {"id": "gsm-2", "question": "Weng earns 12 dollars an hour for babysitting. Yesterday, she just did 50 minutes "
-                                "of babysitting. How much did she earn?", "answer": "10"},
+    {
+        "id": "gsm-1",
+        "question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many "
+        "clips in May. How many clips did Natalia sell altogether in April and May?",
+        "answer": "72",
+    },
+    {
+        "id": "gsm-2",
+        "question": "Weng earns 12 dollars an hour for babysitting. Yesterday, she just did 50 minutes "
+        "of babysitting. How much did she earn?",
+        "answer": "10",
+    },
     {"id": "gsm-short", "question": "What is 2 + 2?", "answer": "4"},  # 4 words: cannot be checked at n = 8
 ]
 EVAL_MATH = [
-    {"problem": "Let f(x) be a polynomial such that f(x + 1) - f(x) = 6x + 4 for every real number x. Find the "
-                "leading coefficient of f.", "solution": "\\boxed{3}"},
+    {
+        "problem": "Let f(x) be a polynomial such that f(x + 1) - f(x) = 6x + 4 for every real number x. Find the "
+        "leading coefficient of f.",
+        "solution": "\\boxed{3}",
+    },
 ]
 
 
@@ -46,11 +57,17 @@ PLANTED = {  # id -> (row, the eval set it copies)
 }
 CLEAN = {
     "unrelated": chat("Write a haiku about the sea at dawn."),
-    "seven_word_span": chat("The shop sold half as many clips in May and doubled its ads."),  # 7 words shared with NATALIA
-    "scattered_short_phrases": chat("Her friends in April said she did 50 minutes of reading; how much did she read? "
-                                    "Find the leading coefficient later, for every real number counts."),
+    "seven_word_span": chat(
+        "The shop sold half as many clips in May and doubled its ads."
+    ),  # 7 words shared with NATALIA
+    "scattered_short_phrases": chat(
+        "Her friends in April said she did 50 minutes of reading; how much did she read? "
+        "Find the leading coefficient later, for every real number counts."
+    ),
     "same_topic": chat("Natalia bought 30 pencils and gave a third of them to her brother. How many are left?"),
-    "short_eval_text_inside": chat("What is 2 + 2? Explain why addition is commutative."),  # eval row too short to check
+    "short_eval_text_inside": chat(
+        "What is 2 + 2? Explain why addition is commutative."
+    ),  # eval row too short to check
 }
 
 
@@ -59,8 +76,10 @@ def rows_of(named: dict) -> list[SourceRow]:
 
 
 def eval_sets() -> dict:
-    return {"gsm8k": [SourceRow("gsm.jsonl", i, row) for i, row in enumerate(EVAL_GSM, start=1)],
-            "math": [SourceRow("math.jsonl", i, row) for i, row in enumerate(EVAL_MATH, start=1)]}
+    return {
+        "gsm8k": [SourceRow("gsm.jsonl", i, row) for i, row in enumerate(EVAL_GSM, start=1)],
+        "math": [SourceRow("math.jsonl", i, row) for i, row in enumerate(EVAL_MATH, start=1)],
+    }
 
 
 def test_normalisation_ignores_case_punctuation_and_spacing():
@@ -93,13 +112,28 @@ def test_n_is_configurable():
 
 def test_command_writes_filtered_rows_and_report(tmp_path):
     train = tmp_path / "train.jsonl"
-    train.write_text("".join(json.dumps(row.row) + "\n" for row in rows_of({**{k: r for k, (r, _) in PLANTED.items()}, **CLEAN})))
+    train.write_text(
+        "".join(json.dumps(row.row) + "\n" for row in rows_of({**{k: r for k, (r, _) in PLANTED.items()}, **CLEAN}))
+    )
     gsm, math = tmp_path / "gsm.jsonl", tmp_path / "math.jsonl"
     gsm.write_text("".join(json.dumps(row) + "\n" for row in EVAL_GSM))
     math.write_text("".join(json.dumps(row) + "\n" for row in EVAL_MATH))
     out, report = tmp_path / "clean.jsonl", tmp_path / "report.json"
-    command = posttrain_command("decontaminate", "--train", str(train), "--eval", f"gsm8k={gsm}", "--eval", f"math={math}",
-                                "--ngram", "8", "--out", str(out), "--report", str(report))
+    command = posttrain_command(
+        "decontaminate",
+        "--train",
+        str(train),
+        "--eval",
+        f"gsm8k={gsm}",
+        "--eval",
+        f"math={math}",
+        "--ngram",
+        "8",
+        "--out",
+        str(out),
+        "--report",
+        str(report),
+    )
     result = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     kept = [json.loads(line) for line in out.read_text().splitlines()]
@@ -119,14 +153,20 @@ def test_bad_input_is_one_line_naming_file_and_line_with_status_2(case, tmp_path
         "missing_train": f"training file {tmp_path / 'nope.jsonl'} does not exist",
         "missing_eval": f"eval set 'gsm8k' file {tmp_path / 'nope.jsonl'} does not exist",
         "bad_json": f"line 2 of {train} is not valid JSON",
-        "no_text": f'row 2 of {train} has no prompt text',
+        "no_text": f"row 2 of {train} has no prompt text",
     }[case]
     if case == "bad_json":
         train.write_text(train.read_text() + "{not json\n")
     if case == "no_text":
         train.write_text(train.read_text() + json.dumps({"answer": "4"}) + "\n")
-    args = ["--train", str(tmp_path / "nope.jsonl" if case == "missing_train" else train),
-            "--eval", f"gsm8k={tmp_path / 'nope.jsonl' if case == 'missing_eval' else evals}", "--out", str(tmp_path / "o.jsonl")]
+    args = [
+        "--train",
+        str(tmp_path / "nope.jsonl" if case == "missing_train" else train),
+        "--eval",
+        f"gsm8k={tmp_path / 'nope.jsonl' if case == 'missing_eval' else evals}",
+        "--out",
+        str(tmp_path / "o.jsonl"),
+    ]
     assert run_subcommand("decontaminate", args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("posttrain decontaminate: error: ") and expected in err, err

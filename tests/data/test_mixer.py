@@ -13,8 +13,13 @@ from posttrain.errors import ConfigError, DataError
 
 
 def write_source(path: Path, prefix: str, size: int) -> Path:
-    rows = [{"id": f"{prefix}{i}", "messages": [{"role": "user", "content": f"q {prefix}{i}"},
-                                                 {"role": "assistant", "content": f"a {i}"}]} for i in range(size)]
+    rows = [
+        {
+            "id": f"{prefix}{i}",
+            "messages": [{"role": "user", "content": f"q {prefix}{i}"}, {"role": "assistant", "content": f"a {i}"}],
+        }
+        for i in range(size)
+    ]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
 
@@ -37,16 +42,21 @@ def test_fraction_takes_that_share_of_distinct_rows(files):
 
 
 def test_count_takes_that_many_rows(files):
-    rows = mix_sources([{"name": "first", "file": str(files["a"]), "count": 7}, {"file": str(files["b"]), "count": 1}], seed=0)
+    rows = mix_sources(
+        [{"name": "first", "file": str(files["a"]), "count": 7}, {"file": str(files["b"]), "count": 1}], seed=0
+    )
     assert len(ids(rows, "first")) == 7 and len(set(ids(rows, "first"))) == 7
     assert len(ids(rows, "b")) == 1
 
 
-@pytest.mark.parametrize("amount, expected_total, expected_copies", [
-    ({"fraction": 2.0}, 20, {2}),  # every row exactly twice
-    ({"fraction": 2.5}, 25, {2, 3}),  # two copies + a seeded half: 5 rows three times
-    ({"count": 13}, 13, {1, 2}),  # one copy + 3 sampled rows
-])
+@pytest.mark.parametrize(
+    "amount, expected_total, expected_copies",
+    [
+        ({"fraction": 2.0}, 20, {2}),  # every row exactly twice
+        ({"fraction": 2.5}, 25, {2, 3}),  # two copies + a seeded half: 5 rows three times
+        ({"count": 13}, 13, {1, 2}),  # one copy + 3 sampled rows
+    ],
+)
 def test_upsampling_repeats_whole_copies_then_samples_the_rest(files, amount, expected_total, expected_copies):
     rows = mix_sources([{"file": str(files["a"]), **amount}], seed=3)
     copies = Counter(ids(rows))
@@ -59,7 +69,9 @@ def test_upsampling_repeats_whole_copies_then_samples_the_rest(files, amount, ex
 def test_sample_indices_rounds_half_up_and_is_sorted_within_the_partial_sample():
     import random
 
-    assert sample_indices(3, random.Random(0), fraction=0.5) == sorted(sample_indices(3, random.Random(0), fraction=0.5))
+    assert sample_indices(3, random.Random(0), fraction=0.5) == sorted(
+        sample_indices(3, random.Random(0), fraction=0.5)
+    )
     assert len(sample_indices(3, random.Random(0), fraction=0.5)) == 2  # 1.5 -> 2
     assert sample_indices(4, random.Random(0), fraction=1.0) == [0, 1, 2, 3]
 
@@ -79,8 +91,13 @@ def test_adding_a_source_keeps_the_other_sources_picks(files):
 
 
 def test_every_row_names_its_source_and_keeps_its_file_and_line(files, tmp_path):
-    rows = mix_sources([{"name": "alpha", "file": str(files["a"]), "fraction": 1.0},
-                        {"name": "arith", "generator": "arithmetic", "count": 6}], seed=0)
+    rows = mix_sources(
+        [
+            {"name": "alpha", "file": str(files["a"]), "fraction": 1.0},
+            {"name": "arith", "generator": "arithmetic", "count": 6},
+        ],
+        seed=0,
+    )
     assert Counter(row.row[PROVENANCE_COLUMN] for row in rows) == {"alpha": 10, "arith": 6}
     for row in rows:
         if row.row[PROVENANCE_COLUMN] == "alpha":
@@ -118,14 +135,17 @@ def test_both_or_neither_amount_is_refused_naming_the_source(files, amount, word
     assert 'data.mixture[1] ("second")' in message and word in message and "fraction" in message and "count" in message
 
 
-@pytest.mark.parametrize("entry, expected", [
-    ({"file": "x.jsonl", "count": 0.5}, "whole number of rows"),  # a share written as a count
-    ({"file": "x.jsonl", "fraction": 1000}, "did you mean count: 1000"),  # a count written as a fraction
-    ({"file": "x.jsonl", "fraction": -1.0}, "must be a number > 0"),
-    ({"file": "x.jsonl", "hub": "a/b", "count": 1}, "exactly one of file, hub or generator"),
-    ({"fraction": 1.0}, "exactly one of file, hub or generator"),
-    ({"file": "x.jsonl", "counts": 3}, "unknown keys ['counts']"),
-])
+@pytest.mark.parametrize(
+    "entry, expected",
+    [
+        ({"file": "x.jsonl", "count": 0.5}, "whole number of rows"),  # a share written as a count
+        ({"file": "x.jsonl", "fraction": 1000}, "did you mean count: 1000"),  # a count written as a fraction
+        ({"file": "x.jsonl", "fraction": -1.0}, "must be a number > 0"),
+        ({"file": "x.jsonl", "hub": "a/b", "count": 1}, "exactly one of file, hub or generator"),
+        ({"fraction": 1.0}, "exactly one of file, hub or generator"),
+        ({"file": "x.jsonl", "counts": 3}, "unknown keys ['counts']"),
+    ],
+)
 def test_malformed_entries_fail_naming_what_is_wrong(entry, expected):
     with pytest.raises(ConfigError, match=r"data.mixture\[0\]") as error:
         mix_sources([entry], seed=0)
@@ -185,7 +205,9 @@ def test_tokenised_split_is_cached_by_content_hash(tmp_path, monkeypatch, files,
     assert len(list((tmp_path / "cache" / "tokenized").glob("*.pkl"))) == 1
 
     build_sft_examples(rows[:-1], tiny_tokenizer, data_cfg, "train")  # other rows: a new key
-    build_sft_examples(rows, tiny_tokenizer, DataConfig(cache_tokenized=True, max_length=32, truncation="truncate"), "train")
+    build_sft_examples(
+        rows, tiny_tokenizer, DataConfig(cache_tokenized=True, max_length=32, truncation="truncate"), "train"
+    )
     assert len(calls) == 3  # the direct `real(...)` call above is not counted
     build_sft_examples(rows, tiny_tokenizer, DataConfig(max_length=64), "train")  # cache off: always tokenises
     assert len(calls) == 4

@@ -29,7 +29,9 @@ def test_packed_document_logits_equal_the_document_alone(tiny_model, tiny_tokeni
         leaky["position_ids"] = torch.arange(leaky["input_ids"].shape[1])[None]
         n0 = len(examples[0].input_ids)
         second_alone = _logits(tiny_model, {"input_ids": torch.tensor([examples[1].input_ids])})[0]
-        assert not torch.allclose(_logits(tiny_model, leaky)[0][n0 : n0 + len(examples[1].input_ids)], second_alone, atol=1e-3)
+        assert not torch.allclose(
+            _logits(tiny_model, leaky)[0][n0 : n0 + len(examples[1].input_ids)], second_alone, atol=1e-3
+        )
 
 
 def test_packed_and_padded_give_the_same_logprobs(tiny_model, tiny_tokenizer, arithmetic_rows):
@@ -41,7 +43,9 @@ def test_packed_and_padded_give_the_same_logprobs(tiny_model, tiny_tokenizer, ar
         padded = collate_padded(examples, tiny_tokenizer.pad_token_id)
         padded_logprobs, _ = module(**padded)
     mask = padded["targets"] != IGNORE_INDEX
-    torch.testing.assert_close(packed_logprobs[packed["targets"] != IGNORE_INDEX], padded_logprobs[mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        packed_logprobs[packed["targets"] != IGNORE_INDEX], padded_logprobs[mask], atol=1e-5, rtol=1e-5
+    )
 
 
 def test_targets_never_cross_a_document_boundary(tiny_tokenizer, arithmetic_rows):

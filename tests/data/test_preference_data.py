@@ -6,10 +6,14 @@ import pytest
 import torch
 
 from posttrain.config import DataConfig
-from posttrain.data.chat import IGNORE_INDEX, render_ids
-from posttrain.data.chat import TokenizedExample
+from posttrain.data.chat import IGNORE_INDEX, TokenizedExample, render_ids
 from posttrain.data.preference import (
-    PreferenceExample, build_preference_examples, collate_pairs, first_divergent_step, separator_tokens, sequence_logprob_sums,
+    PreferenceExample,
+    build_preference_examples,
+    collate_pairs,
+    first_divergent_step,
+    separator_tokens,
+    sequence_logprob_sums,
 )
 from posttrain.data.sources import SourceRow, read_file
 from posttrain.errors import DataError
@@ -50,19 +54,36 @@ def test_only_response_tokens_are_labelled_and_the_prompt_is_shared(tiny_tokeniz
 
 
 def test_an_earlier_assistant_turn_in_the_prompt_is_not_trained_on(tiny_tokenizer):
-    history = [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "2"}, {"role": "user", "content": "2 + 3?"}]
+    history = [
+        {"role": "user", "content": "1 + 1?"},
+        {"role": "assistant", "content": "2"},
+        {"role": "user", "content": "2 + 3?"},
+    ]
     (pair,), _ = build([{"prompt": history, "chosen": CHOSEN, "rejected": REJECTED}], tiny_tokenizer)
-    assert pair.chosen.num_target_tokens == len(tiny_tokenizer(CHOSEN[0]["content"] + "<|end|>", add_special_tokens=False)["input_ids"])
+    assert pair.chosen.num_target_tokens == len(
+        tiny_tokenizer(CHOSEN[0]["content"] + "<|end|>", add_special_tokens=False)["input_ids"]
+    )
 
 
 BAD_ROWS = {
-    "identical": ({"prompt": PROMPT, "chosen": CHOSEN, "rejected": CHOSEN}, "row 2 of prefs.jsonl: chosen and rejected responses are identical"),
+    "identical": (
+        {"prompt": PROMPT, "chosen": CHOSEN, "rejected": CHOSEN},
+        "row 2 of prefs.jsonl: chosen and rejected responses are identical",
+    ),
     "missing_rejected": ({"prompt": PROMPT, "chosen": CHOSEN}, 'row 2 of prefs.jsonl has no "rejected" field'),
-    "empty_response": ({"prompt": PROMPT, "chosen": CHOSEN, "rejected": [{"role": "assistant", "content": "  "}]},
-                       "row 2 of prefs.jsonl: the rejected response is empty"),
-    "no_response": ({"chosen": PROMPT + CHOSEN, "rejected": PROMPT}, "row 2 of prefs.jsonl: the rejected response is empty"),
+    "empty_response": (
+        {"prompt": PROMPT, "chosen": CHOSEN, "rejected": [{"role": "assistant", "content": "  "}]},
+        "row 2 of prefs.jsonl: the rejected response is empty",
+    ),
+    "no_response": (
+        {"chosen": PROMPT + CHOSEN, "rejected": PROMPT},
+        "row 2 of prefs.jsonl: the rejected response is empty",
+    ),
     "no_prompt": ({"chosen": CHOSEN, "rejected": REJECTED}, "row 2 of prefs.jsonl: the pair has no prompt"),
-    "bad_role": ({"prompt": PROMPT, "chosen": [{"role": "bot", "content": "x"}], "rejected": REJECTED}, "row 2 of prefs.jsonl: message 0 has unknown role 'bot'"),
+    "bad_role": (
+        {"prompt": PROMPT, "chosen": [{"role": "bot", "content": "x"}], "rejected": REJECTED},
+        "row 2 of prefs.jsonl: message 0 has unknown role 'bot'",
+    ),
 }
 
 
@@ -90,7 +111,12 @@ def test_over_long_pairs_follow_the_truncation_policy(tiny_tokenizer):
 
 def test_jsonl_rows_carry_their_file_and_line_into_errors(tmp_path, tiny_tokenizer):
     path = tmp_path / "pairs.jsonl"
-    path.write_text(json.dumps({"prompt": PROMPT, "chosen": CHOSEN, "rejected": REJECTED}) + "\n" + json.dumps({"chosen": CHOSEN}) + "\n")
+    path.write_text(
+        json.dumps({"prompt": PROMPT, "chosen": CHOSEN, "rejected": REJECTED})
+        + "\n"
+        + json.dumps({"chosen": CHOSEN})
+        + "\n"
+    )
     with pytest.raises(DataError, match=f'row 2 of {path} has no "rejected" field'):
         build_preference_examples(read_file(path), tiny_tokenizer, DataConfig(), "train")
 
@@ -122,8 +148,14 @@ def test_collate_pairs_indexes_last_and_prompt_tokens(tiny_tokenizer):
         batch = collate_pairs([pair, pair], packing, tiny_tokenizer.pad_token_id)
         flat = batch.inputs["input_ids"].reshape(-1)
         assert flat[batch.last_index].tolist() == [tiny_tokenizer.eos_token_id] * 4
-        assert flat[batch.prompt_index + 1].tolist() == [pair.chosen.input_ids[pair.prompt_length]] * 2 + [pair.rejected.input_ids[pair.prompt_length]] * 2
-        assert batch.response_lengths.tolist() == [pair.chosen.num_target_tokens] * 2 + [pair.rejected.num_target_tokens] * 2
+        assert (
+            flat[batch.prompt_index + 1].tolist()
+            == [pair.chosen.input_ids[pair.prompt_length]] * 2 + [pair.rejected.input_ids[pair.prompt_length]] * 2
+        )
+        assert (
+            batch.response_lengths.tolist()
+            == [pair.chosen.num_target_tokens] * 2 + [pair.rejected.num_target_tokens] * 2
+        )
 
 
 def test_sequence_logprob_sums_adds_only_target_tokens():
@@ -159,7 +191,13 @@ def test_cyclic_preference_pairs_form_cycles_on_disjoint_prompts():
     for start in range(0, len(train), 3):
         group = train[start : start + 3]
         moves = CYCLIC_GAMES[group[0]["subset"]]
-        beats = {(next(m for m in moves if m in r["chosen"][0]["content"]), next(m for m in moves if m in r["rejected"][0]["content"])) for r in group}
+        beats = {
+            (
+                next(m for m in moves if m in r["chosen"][0]["content"]),
+                next(m for m in moves if m in r["rejected"][0]["content"]),
+            )
+            for r in group
+        }
         assert beats == {(moves[0], moves[1]), (moves[1], moves[2]), (moves[2], moves[0])}  # A > B > C > A
 
 
@@ -170,15 +208,20 @@ def _pair(prompt, chosen, rejected):
     return PreferenceExample(sequence(chosen), sequence(rejected), len(prompt))
 
 
-@pytest.mark.parametrize("chosen, rejected, chosen_kept, rejected_kept, context", [
-    # the second line differs: the shared first line is context, the third line is dropped
-    ([5, 6, 10, 7, 8, 10, 9, 11], [5, 6, 10, 7, 3, 10, 4, 11], [7, 8, 10], [7, 3, 10], [5, 6, 10]),
-    # the first line differs: no shared step, nothing labelled before it
-    ([5, 6, 10, 9, 11], [5, 2, 10, 9, 11], [5, 6, 10], [5, 2, 10], []),
-    # the last line differs: its step runs to the end of the response (the end-of-turn token)
-    ([5, 10, 9, 11], [5, 10, 4, 4, 11], [9, 11], [4, 4, 11], [5, 10]),
-])
-def test_first_divergent_step_keeps_only_the_first_differing_step(chosen, rejected, chosen_kept, rejected_kept, context):
+@pytest.mark.parametrize(
+    "chosen, rejected, chosen_kept, rejected_kept, context",
+    [
+        # the second line differs: the shared first line is context, the third line is dropped
+        ([5, 6, 10, 7, 8, 10, 9, 11], [5, 6, 10, 7, 3, 10, 4, 11], [7, 8, 10], [7, 3, 10], [5, 6, 10]),
+        # the first line differs: no shared step, nothing labelled before it
+        ([5, 6, 10, 9, 11], [5, 2, 10, 9, 11], [5, 6, 10], [5, 2, 10], []),
+        # the last line differs: its step runs to the end of the response (the end-of-turn token)
+        ([5, 10, 9, 11], [5, 10, 4, 4, 11], [9, 11], [4, 4, 11], [5, 10]),
+    ],
+)
+def test_first_divergent_step_keeps_only_the_first_differing_step(
+    chosen, rejected, chosen_kept, rejected_kept, context
+):
     prompt = [1, 2]
     cut = first_divergent_step(_pair(prompt, chosen, rejected), frozenset({10}))
     for sequence, kept in ((cut.chosen, chosen_kept), (cut.rejected, rejected_kept)):
@@ -196,7 +239,7 @@ def test_first_divergent_step_on_a_rendered_arithmetic_pair(tiny_tokenizer):
     cut = first_divergent_step(pair, separators)
     prompt_ids = render_ids(tiny_tokenizer, PROMPT, add_generation_prompt=True)
     for sequence, step in ((cut.chosen, "9 + 7 + 1 = 17\n"), (cut.rejected, "9 + 7 + 0 = 16\n")):
-        assert tiny_tokenizer.decode(sequence.input_ids[len(prompt_ids):]) == "2 + 8 + 0 = 10\n" + step
+        assert tiny_tokenizer.decode(sequence.input_ids[len(prompt_ids) :]) == "2 + 8 + 0 = 10\n" + step
         assert tiny_tokenizer.decode([label for label in sequence.labels if label != IGNORE_INDEX]) == step
 
 

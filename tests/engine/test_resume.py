@@ -5,14 +5,22 @@ import subprocess
 import time
 
 import pytest
-
 from cli_helpers import cli_env, posttrain_command, run_posttrain
+
 from posttrain.engine.checkpoint import list_checkpoints
 from posttrain.logging import read_metrics
 
 pytestmark = pytest.mark.integration
 
-ARGS = ["data.num_train=512", "data.num_eval=0", "logger.progress_bar=false", "train.max_steps=40", "checkpoint.every=10", "checkpoint.keep_last=5", "optim.lr=3e-3"]
+ARGS = [
+    "data.num_train=512",
+    "data.num_eval=0",
+    "logger.progress_bar=false",
+    "train.max_steps=40",
+    "checkpoint.every=10",
+    "checkpoint.keep_last=5",
+    "optim.lr=3e-3",
+]
 
 
 def losses(run_dir):

@@ -33,7 +33,9 @@ def test_evaluator_matches_the_models_own_pair_preferences(tiny_tokenizer, head)
     result = evaluate_reward_bench(model, tiny_tokenizer, ROWS, batch_size=3)
     expected = []
     for row in ROWS:
-        values, gate = embed_responses(model, tiny_tokenizer, [{"role": "user", "content": row["prompt"]}], [row["chosen"], row["rejected"]])
+        values, gate = embed_responses(
+            model, tiny_tokenizer, [{"role": "user", "content": row["prompt"]}], [row["chosen"], row["rejected"]]
+        )
         expected.append(float(score_matrix(values, gate, head["head"])[0, 1]))
     right = [1.0 if s > 0 else 0.0 for s in expected]
     assert result["math"] == pytest.approx(sum(right[:3]) / 3)

@@ -16,17 +16,20 @@ from posttrain.cli import run_subcommand
 from posttrain.errors import ConfigError, DataError
 from posttrain.rollout.completion import Completion
 
-
 # pass@k ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n, c, k, expected", [
-    (5, 2, 1, 0.4),  # pass@1 = c / n
-    (5, 2, 2, 0.7),  # 1 - C(3,2)/C(5,2) = 1 - 3/10
-    (10, 3, 5, 11 / 12),  # 1 - C(7,5)/C(10,5) = 1 - 21/252
-    (4, 0, 2, 0.0),  # nothing correct
-    (4, 4, 1, 1.0),  # everything correct
-    (4, 3, 2, 1.0),  # n - c = 1 < k: every pair holds a correct sample
-])
+
+@pytest.mark.parametrize(
+    "n, c, k, expected",
+    [
+        (5, 2, 1, 0.4),  # pass@1 = c / n
+        (5, 2, 2, 0.7),  # 1 - C(3,2)/C(5,2) = 1 - 3/10
+        (10, 3, 5, 11 / 12),  # 1 - C(7,5)/C(10,5) = 1 - 21/252
+        (4, 0, 2, 0.0),  # nothing correct
+        (4, 4, 1, 1.0),  # everything correct
+        (4, 3, 2, 1.0),  # n - c = 1 < k: every pair holds a correct sample
+    ],
+)
 def test_pass_at_k_hand_computed(n, c, k, expected):
     assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
 
@@ -55,20 +58,26 @@ def test_pass_at_k_rejects_impossible_counts(n, c, k):
 
 
 def test_default_ks():
-    assert default_ks(8) == [1, 2, 4, 8] and default_ks(5) == [1, 2, 4, 5] and default_ks(1) == [1] and default_ks(0) == []
+    assert (
+        default_ks(8) == [1, 2, 4, 8] and default_ks(5) == [1, 2, 4, 5] and default_ks(1) == [1] and default_ks(0) == []
+    )
 
 
 # majority vote ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("answers, winner", [
-    (["3", "4", "3"], 0),  # "3" has 2 votes; its first sample is 0
-    ([None, "4", "3", "3"], 2),  # None does not vote
-    (["4", "3", "3", "4"], 0),  # tie 2-2: the answer seen first ("4") wins
-    (["3", "4", "4", "3", "5"], 0),  # tie again: "3" came first
-    ([None, "5", "6"], 1),  # 1-1 tie among answers; None skipped
-    ([None, None], None),  # nobody voted
-    ([], None),
-])
+
+@pytest.mark.parametrize(
+    "answers, winner",
+    [
+        (["3", "4", "3"], 0),  # "3" has 2 votes; its first sample is 0
+        ([None, "4", "3", "3"], 2),  # None does not vote
+        (["4", "3", "3", "4"], 0),  # tie 2-2: the answer seen first ("4") wins
+        (["3", "4", "4", "3", "5"], 0),  # tie again: "3" came first
+        ([None, "5", "6"], 1),  # 1-1 tie among answers; None skipped
+        ([None, None], None),  # nobody voted
+        ([], None),
+    ],
+)
 def test_majority_vote(answers, winner):
     assert majority_vote(answers) == winner
 
@@ -82,6 +91,7 @@ def test_answer_extractors_canonicalise_like_their_verifiers():
 
 # the runner with a fake completion source --------------------------------------------------------------
 
+
 class FakeGenerator:
     """Completions from `answer(example, sample_index, greedy)`; records each request's sampling."""
 
@@ -93,8 +103,11 @@ class FakeGenerator:
     def generate(self, prompts, sampling):
         self.requests.append(sampling)
         greedy = sampling.temperature == 0
-        return [Completion(i, j, [1], [2], self.answer(self.by_prompt[json.dumps(prompt)], j, greedy), [0.0], "stop")
-                for i, prompt in enumerate(prompts) for j in range(sampling.n)]
+        return [
+            Completion(i, j, [1], [2], self.answer(self.by_prompt[json.dumps(prompt)], j, greedy), [0.0], "stop")
+            for i, prompt in enumerate(prompts)
+            for j in range(sampling.n)
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +155,9 @@ def test_ifeval_tasks_score_strictly_and_have_no_majority_vote():
     metrics = evaluate_tasks(half, [task], samples=2)["tasks"]["ifeval"]
     assert metrics["greedy_accuracy"] == 0.0 and metrics["greedy_mean_score"] == 0.5 and metrics["pass@2"] == 0.0
     assert metrics["maj@2"] is None
-    assert "-" in format_table({"settings": {"samples": 2, "ks": [1, 2]}, "tasks": {"ifeval": metrics}}).splitlines()[-1]
+    assert (
+        "-" in format_table({"settings": {"samples": 2, "ks": [1, 2]}, "tasks": {"ifeval": metrics}}).splitlines()[-1]
+    )
 
 
 def test_greedy_only_when_samples_is_zero(arithmetic_task):
@@ -154,10 +169,15 @@ def test_greedy_only_when_samples_is_zero(arithmetic_task):
 
 # tasks from files --------------------------------------------------------------------------------------
 
+
 def test_tasks_load_posttrain_and_hub_formats_from_files(tmp_path):
     gsm = tmp_path / "gsm.jsonl"
-    gsm.write_text(json.dumps({"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = 7\n#### 7"}) + "\n"
-                   + json.dumps({"prompt": [{"role": "user", "content": "1 + 1?"}], "ground_truth": "2"}) + "\n")
+    gsm.write_text(
+        json.dumps({"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = 7\n#### 7"})
+        + "\n"
+        + json.dumps({"prompt": [{"role": "user", "content": "1 + 1?"}], "ground_truth": "2"})
+        + "\n"
+    )
     math_file = tmp_path / "math.jsonl"
     math_file.write_text(json.dumps({"problem": "Half of 1?", "solution": "It is $\\boxed{\\frac{1}{2}}$."}) + "\n")
     task = load_task(f"gsm8k={gsm}")
@@ -165,7 +185,9 @@ def test_tasks_load_posttrain_and_hub_formats_from_files(tmp_path):
     assert task.examples[0].prompt == [{"role": "user", "content": "Tom has 3 apples and buys 4. How many?"}]
     assert task.examples[1].ground_truth == "2" and task.examples[0].id == f"row 1 of {gsm}"
     assert len(load_task(f"gsm8k={gsm}", num=1).examples) == 1
-    fake = FakeGenerator(task, lambda example, j, greedy: "#### 7" if "Tom" in example.prompt[0]["content"] else "#### 2")
+    fake = FakeGenerator(
+        task, lambda example, j, greedy: "#### 7" if "Tom" in example.prompt[0]["content"] else "#### 2"
+    )
     assert evaluate_tasks(fake, [task], samples=1)["tasks"]["gsm8k:gsm"]["greedy_accuracy"] == 1.0
     math_task = load_task(f"math={math_file}")
     fake = FakeGenerator(math_task, lambda example, j, greedy: "so the answer is $0.5$")
@@ -185,6 +207,7 @@ def test_bad_task_specs_fail_clearly(tmp_path):
 
 # the tiny model end to end -----------------------------------------------------------------------------
 
+
 @pytest.fixture()
 def final_dir(tmp_path, tiny_model, tiny_tokenizer):
     """A final/-style directory: the tiny model and its tokenizer (with chat template) saved together."""
@@ -199,7 +222,14 @@ def test_tiny_model_end_to_end_on_the_hf_backend(final_dir, tmp_path):
     results = evaluate_model(final_dir, ["arithmetic"], num=8, samples=2, backend="hf", max_tokens=12, out=out)
     assert json.loads(out.read_text()) == results
     assert results["model"] == str(final_dir) and results["backend"] == "hf"
-    assert results["settings"] == {"samples": 2, "ks": [1, 2], "temperature": 1.0, "top_p": 1.0, "max_tokens": 12, "seed": 0}
+    assert results["settings"] == {
+        "samples": 2,
+        "ks": [1, 2],
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "max_tokens": 12,
+        "seed": 0,
+    }
     metrics = results["tasks"]["arithmetic"]
     assert metrics["num_prompts"] == 8
     for name in ("greedy_accuracy", "greedy_mean_score", "pass@1", "pass@2", "maj@2"):
@@ -215,8 +245,22 @@ def test_command_reports_bad_model_dir_in_one_line(tmp_path, capsys):
 
 def test_command_prints_the_table_and_writes_json(final_dir, tmp_path, capsys):
     out = tmp_path / "cli.json"
-    args = ["--model", str(final_dir), "--task", "arithmetic", "--num", "4", "--samples", "2", "--backend", "hf",
-            "--max-tokens", "8", "--out", str(out)]
+    args = [
+        "--model",
+        str(final_dir),
+        "--task",
+        "arithmetic",
+        "--num",
+        "4",
+        "--samples",
+        "2",
+        "--backend",
+        "hf",
+        "--max-tokens",
+        "8",
+        "--out",
+        str(out),
+    ]
     assert run_subcommand("eval", args) == 0
     printed = capsys.readouterr().out
     assert printed.splitlines()[0].split() == ["task", "n", "greedy", "pass@1", "pass@2", "maj@2"]

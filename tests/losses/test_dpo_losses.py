@@ -103,10 +103,19 @@ def test_dpo_norm_hand_value():
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_dpo_norm_equals_dpo_on_averaged_inputs(label_smoothing):
     policy_c, policy_r, reference_c, reference_r, len_c, len_r = random_pairs(batch=7, seed=1)
-    normalised, normalised_metrics = dpo_norm(policy_c, policy_r, reference_c, reference_r, len_c, len_r,
-                                              beta=5.0, label_smoothing=label_smoothing)
-    averaged, averaged_metrics = dpo(policy_c / len_c, policy_r / len_r, reference_c / len_c, reference_r / len_r,
-                                     None, None, beta=5.0, label_smoothing=label_smoothing)
+    normalised, normalised_metrics = dpo_norm(
+        policy_c, policy_r, reference_c, reference_r, len_c, len_r, beta=5.0, label_smoothing=label_smoothing
+    )
+    averaged, averaged_metrics = dpo(
+        policy_c / len_c,
+        policy_r / len_r,
+        reference_c / len_c,
+        reference_r / len_r,
+        None,
+        None,
+        beta=5.0,
+        label_smoothing=label_smoothing,
+    )
     torch.testing.assert_close(normalised, averaged)
     for key in REWARD_KEYS:
         torch.testing.assert_close(normalised_metrics[key], averaged_metrics[key])

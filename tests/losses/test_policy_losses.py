@@ -90,8 +90,16 @@ def test_aggregations_hand_example():
 def test_grpo_aggregations_change_loss_and_gradient(aggregation, expected_loss, expected_grad):
     logprobs = t([-1.0, -2.0, -3.0], [-1.5, -9.0, -9.0], requires_grad=True)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    loss, metrics = grpo(logprobs, logprobs.detach(), t(-1.0, -4.0), mask, clip_low=0.2, clip_high=0.28,
-                         aggregation=aggregation, constant_normalizer=6)
+    loss, metrics = grpo(
+        logprobs,
+        logprobs.detach(),
+        t(-1.0, -4.0),
+        mask,
+        clip_low=0.2,
+        clip_high=0.28,
+        aggregation=aggregation,
+        constant_normalizer=6,
+    )
     loss.backward()
     assert loss.item() == pytest.approx(expected_loss)
     assert metrics["policy_loss"].item() == pytest.approx(expected_loss)
@@ -108,8 +116,16 @@ def test_clipping_cuts_the_gradient_only_outside_the_trust_region():
     ratios = t(1.27, 1.29, 1.25, 0.79, 0.81, 0.79, 1.29)
     advantages = t(1.0, 1.0, 1.0, 1.0, -1.0, -1.0, -1.0)
     logprobs = ratios.log()[:, None].clone().requires_grad_(True)
-    loss, metrics = grpo(logprobs, torch.zeros_like(logprobs), advantages, torch.ones_like(logprobs),
-                         clip_low=0.2, clip_high=0.28, aggregation="sum_constant", constant_normalizer=1.0)
+    loss, metrics = grpo(
+        logprobs,
+        torch.zeros_like(logprobs),
+        advantages,
+        torch.ones_like(logprobs),
+        clip_low=0.2,
+        clip_high=0.28,
+        aggregation="sum_constant",
+        constant_normalizer=1.0,
+    )
     loss.backward()
     expected = t(-1.27, 0.0, -1.25, -0.79, 0.81, 0.0, 1.29)
     torch.testing.assert_close(logprobs.grad[:, 0], expected)
@@ -130,8 +146,16 @@ def test_group_with_equal_rewards_contributes_exactly_zero_gradient(mode, aggreg
     old_logprobs = logprobs.detach() + 0.3 * torch.randn(6, 4, generator=generator, dtype=torch.float64)
     mask = torch.ones(6, 4)
     mask[4, 2:] = 0
-    loss, _ = grpo(logprobs, old_logprobs, advantages.reshape(-1), mask, clip_low=0.2, clip_high=0.28,
-                   aggregation=aggregation, constant_normalizer=24.0)
+    loss, _ = grpo(
+        logprobs,
+        old_logprobs,
+        advantages.reshape(-1),
+        mask,
+        clip_low=0.2,
+        clip_high=0.28,
+        aggregation=aggregation,
+        constant_normalizer=24.0,
+    )
     loss.backward()
     assert torch.equal(logprobs.grad[3:], torch.zeros(3, 4, dtype=torch.float64))
     assert logprobs.grad[:3].abs().sum() > 0
@@ -144,8 +168,18 @@ def test_kl_penalty_and_entropy_bonus_in_grpo():
     d loss / d entropy = -0.01 / 2 per token."""
     logprobs = t([-1.0, -1.0])
     entropy = t([2.0, 1.0], requires_grad=True)
-    loss, metrics = grpo(logprobs, logprobs, t(0.0), torch.ones(1, 2), clip_low=0.2, clip_high=0.2,
-                         reference_logprobs=t([-2.0, -2.0]), kl_beta=0.1, entropy=entropy, entropy_coef=0.01)
+    loss, metrics = grpo(
+        logprobs,
+        logprobs,
+        t(0.0),
+        torch.ones(1, 2),
+        clip_low=0.2,
+        clip_high=0.2,
+        reference_logprobs=t([-2.0, -2.0]),
+        kl_beta=0.1,
+        entropy=entropy,
+        entropy_coef=0.01,
+    )
     loss.backward()
     assert loss.item() == pytest.approx(0.1 * math.exp(-1.0) - 0.015, rel=1e-12)
     assert metrics["kl"].item() == pytest.approx(math.exp(-1.0)) and metrics["entropy"].item() == pytest.approx(1.5)

@@ -103,8 +103,9 @@ def test_score_matrix_equals_pairwise_loop(use_gate):
 
 def test_gate_of_all_ones_equals_no_gate_and_a_gate_changes_scores():
     embeddings = random_embeddings(2, 4, 6, seed=6)
-    torch.testing.assert_close(gpm_score_matrix(embeddings, torch.ones(2, 3, dtype=torch.float64)),
-                               gpm_score_matrix(embeddings))
+    torch.testing.assert_close(
+        gpm_score_matrix(embeddings, torch.ones(2, 3, dtype=torch.float64)), gpm_score_matrix(embeddings)
+    )
     gate = t(0.7, 0.2, 0.1).expand(2, 3)
     assert not torch.allclose(gpm_score_matrix(embeddings, gate), gpm_score_matrix(embeddings))
 

@@ -1,6 +1,5 @@
 """The SFT loss: hand-derived values and the token-weighted reduction across micro-batches."""
 
-
 import pytest
 import torch
 
@@ -39,12 +38,15 @@ def test_micro_batch_split_gives_the_same_gradient():
     (whole_grad,) = torch.autograd.grad(whole, logits)
     split_grad = torch.zeros_like(logits)
     for row in range(2):
-        part, _ = get_loss("sft")(torch.log_softmax(logits, -1)[row : row + 1], mask[row : row + 1], step_target_tokens=step_tokens)
+        part, _ = get_loss("sft")(
+            torch.log_softmax(logits, -1)[row : row + 1], mask[row : row + 1], step_target_tokens=step_tokens
+        )
         split_grad += torch.autograd.grad(part, logits)[0]
     torch.testing.assert_close(split_grad, whole_grad)
     # The per-micro-batch mean (the trap in REFERENCE.md) does not match.
     naive = sum(
-        torch.autograd.grad(-(torch.log_softmax(logits, -1)[r] * mask[r]).sum() / mask[r].sum() / 2, logits)[0] for r in range(2)
+        torch.autograd.grad(-(torch.log_softmax(logits, -1)[r] * mask[r]).sum() / mask[r].sum() / 2, logits)[0]
+        for r in range(2)
     )
     assert not torch.allclose(naive, whole_grad)
 

@@ -30,7 +30,7 @@ CASES = [
     (
         "length_constraints:nth_paragraph_first_word",
         {"num_paragraphs": 2, "nth_paragraph": 2, "first_word": "however"},
-        "Intro here.\n\n\"However, the end.",
+        'Intro here.\n\n"However, the end.',
         "Intro here.\n\nBut the end.",
     ),
     ("detectable_content:number_placeholders", {"num_placeholders": 2}, "Dear [name], at [address].", "Dear [name]."),
@@ -161,7 +161,7 @@ ALL_INSTRUCTIONS = {
 
 # Degenerate texts that make naive IFEval regexes (\s* at line starts, .*? to a closing bracket)
 # quadratic: at 100 kB a quadratic check would take minutes, so the time limit catches it.
-PATHOLOGICAL = ["\n", " ", ".", "[", "<<", "*", "{", "P.", "Section ", "-\n", "\"", "***"]
+PATHOLOGICAL = ["\n", " ", ".", "[", "<<", "*", "{", "P.", "Section ", "-\n", '"', "***"]
 
 
 @pytest.mark.parametrize(

@@ -104,8 +104,20 @@ def test_malformed_ground_truth_raises_data_error(ground_truth):
         "$" * 1_000_000,
         "\\" * 1_000_000,
     ],
-    ids=["empty", "unicode", "braces", "open-box", "deep-box", "deep-dollar", "malformed",
-         "repeated-open", "1MB-prose", "1MB-box", "1MB-dollars", "1MB-backslashes"],
+    ids=[
+        "empty",
+        "unicode",
+        "braces",
+        "open-box",
+        "deep-box",
+        "deep-dollar",
+        "malformed",
+        "repeated-open",
+        "1MB-prose",
+        "1MB-box",
+        "1MB-dollars",
+        "1MB-backslashes",
+    ],
 )
 def test_nasty_text_scores_zero_in_bounded_time(completion):
     started = time.perf_counter()

@@ -23,7 +23,10 @@ def test_finish_point():
     decode = lambda tokens: "".join(chr(ord("a") + token) for token in tokens)  # noqa: E731
     assert finish_point([1, 2, 9, 3], {9}, [], decode) == (3, "token")
     assert finish_point([1, 2, 3, 4], {9}, [], decode) == (4, None)
-    assert finish_point([1, 2, 3, 4], set(), ["cd"], decode) == (3, "string")  # "bcde": "cd" is complete at the 3rd token
+    assert finish_point([1, 2, 3, 4], set(), ["cd"], decode) == (
+        3,
+        "string",
+    )  # "bcde": "cd" is complete at the 3rd token
     assert finish_point([1, 9, 2, 3], {9}, ["cd"], decode) == (2, "token")  # the stop id comes first
 
 
@@ -56,7 +59,11 @@ def test_logprobs_are_under_the_sampling_distribution(hf_service, eval_prompts, 
 
 def test_raw_logprobs_ignore_temperature(hf_service, eval_prompts):
     raw = RolloutService(hf_service.backend, hf_service.tokenizer, hf_service.cfg)
-    raw.backend = HFBackend(hf_service.backend.model, hf_service.tokenizer, dataclasses.replace(hf_service.cfg, logprobs_mode="raw_logprobs"))
+    raw.backend = HFBackend(
+        hf_service.backend.model,
+        hf_service.tokenizer,
+        dataclasses.replace(hf_service.cfg, logprobs_mode="raw_logprobs"),
+    )
     completion = raw.generate(eval_prompts[:1], SamplingConfig(temperature=0.5, max_tokens=8, seed=0))[0]
     recomputed = recomputed_logprobs(raw.backend.model, completion.prompt_token_ids, completion.token_ids, 1.0)
     torch.testing.assert_close(torch.tensor(completion.logprobs), recomputed, atol=1e-5, rtol=0)
@@ -77,7 +84,9 @@ def test_seeds_reproduce_and_the_trainer_rng_is_untouched(hf_service, eval_promp
     torch.manual_seed(123)
     first = [c.token_ids for c in hf_service.generate(eval_prompts[:2], sampling)]
     unseeded = [c.token_ids for c in hf_service.generate(eval_prompts[:2], dataclasses.replace(sampling, seed=None))]
-    unseeded_again = [c.token_ids for c in hf_service.generate(eval_prompts[:2], dataclasses.replace(sampling, seed=None))]
+    unseeded_again = [
+        c.token_ids for c in hf_service.generate(eval_prompts[:2], dataclasses.replace(sampling, seed=None))
+    ]
     assert torch.rand(1) == expected_next
     assert [c.token_ids for c in hf_service.generate(eval_prompts[:2], sampling)] == first
     assert unseeded != unseeded_again  # the backend's own stream advances
@@ -92,13 +101,19 @@ def test_stop_string_cuts_text_and_keeps_its_token(hf_service, eval_prompts):
     assert stopped.finish_reason == "stop"
     assert stopped.text == free.text[: free.text.find(stop)]
     assert stopped.token_ids == free.token_ids[: len(stopped.token_ids)]
-    assert stop in hf_service.tokenizer.decode(stopped.token_ids) and stop not in hf_service.tokenizer.decode(stopped.token_ids[:-1])
+    assert stop in hf_service.tokenizer.decode(stopped.token_ids) and stop not in hf_service.tokenizer.decode(
+        stopped.token_ids[:-1]
+    )
 
 
 def test_stop_token_id_is_kept(hf_service, eval_prompts):
     free = hf_service.generate(eval_prompts[:1], SamplingConfig(temperature=0.0, max_tokens=24))[0]
     stop_id = free.token_ids[5]
-    stopped = hf_service.generate(eval_prompts[:1], SamplingConfig(temperature=0.0, max_tokens=24, stop_token_ids=[stop_id]))[0]
+    stopped = hf_service.generate(
+        eval_prompts[:1], SamplingConfig(temperature=0.0, max_tokens=24, stop_token_ids=[stop_id])
+    )[0]
     first = free.token_ids.index(stop_id)
     assert stopped.finish_reason == "stop" and stopped.token_ids == free.token_ids[: first + 1]
-    assert stopped.text == hf_service.tokenizer.decode(free.token_ids[:first])  # the stop token's text is left out, as vLLM
+    assert stopped.text == hf_service.tokenizer.decode(
+        free.token_ids[:first]
+    )  # the stop token's text is left out, as vLLM

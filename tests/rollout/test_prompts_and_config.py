@@ -18,7 +18,9 @@ CONF_ROLLOUT = Path(__file__).resolve().parents[2] / "conf" / "rollout"
 def test_chat_prompts_render_like_trainers_and_ids_pass_through(tiny_tokenizer):
     messages = [{"role": "user", "content": "What is 2 + 3?"}]
     expected = render_ids(tiny_tokenizer, messages, add_generation_prompt=True)
-    rendered = prepare_prompts(tiny_tokenizer, [messages, [5, 6, 7]], max_tokens=8, max_model_len=64, truncation="error")
+    rendered = prepare_prompts(
+        tiny_tokenizer, [messages, [5, 6, 7]], max_tokens=8, max_model_len=64, truncation="error"
+    )
     assert rendered == [expected, [5, 6, 7]]
     assert tiny_tokenizer.decode(expected).endswith("<|assistant|>\n")
 

@@ -77,7 +77,9 @@ def test_sync_lora_model_merges_adapters(rollout_service, tiny_tokenizer, traine
     assert_engine_matches(rollout_service, model, eval_prompts, tiny_tokenizer)
 
 
-def test_sync_from_deepspeed_engine(rollout_service, tiny_tokenizer, trained_policy, sft_examples, eval_prompts, tmp_path):
+def test_sync_from_deepspeed_engine(
+    rollout_service, tiny_tokenizer, trained_policy, sft_examples, eval_prompts, tmp_path
+):
     """The DeepSpeed engine (ZeRO-0 here; ZeRO-3 runs under torchrun in test_zero3_sync) is unwrapped to its policy."""
     from posttrain.data.batching import collate
     from posttrain.data.chat import IGNORE_INDEX
@@ -86,7 +88,9 @@ def test_sync_from_deepspeed_engine(rollout_service, tiny_tokenizer, trained_pol
     from posttrain.models.logprob_model import CausalLMWithLogprobs
 
     init_distributed()
-    cfg = _compose(["deepspeed=zero0", f"run_dir={tmp_path}", "optim.lr=1e-2", "optim.warmup_ratio=0", "train.micro_batch_size=16"])
+    cfg = _compose(
+        ["deepspeed=zero0", f"run_dir={tmp_path}", "optim.lr=1e-2", "optim.warmup_ratio=0", "train.micro_batch_size=16"]
+    )
     engine = build_engine(CausalLMWithLogprobs(copy.deepcopy(trained_policy), fused=False), cfg, total_steps=5)
     rollout_service.sync_weights(engine)
     for step in range(5):
@@ -104,7 +108,10 @@ def test_sync_from_deepspeed_engine(rollout_service, tiny_tokenizer, trained_pol
 
 @pytest.mark.parametrize(
     "sampling",
-    [SamplingConfig(temperature=0.8, n=3, seed=7, max_tokens=MAX_TOKENS), SamplingConfig(temperature=1.2, top_k=5, n=2, seed=3, max_tokens=MAX_TOKENS)],
+    [
+        SamplingConfig(temperature=0.8, n=3, seed=7, max_tokens=MAX_TOKENS),
+        SamplingConfig(temperature=1.2, top_k=5, n=2, seed=3, max_tokens=MAX_TOKENS),
+    ],
     ids=["temperature", "top_k"],
 )
 def test_sampled_logprobs_are_under_the_sampling_distribution(rollout_service, trained_policy, eval_prompts, sampling):
@@ -112,9 +119,16 @@ def test_sampled_logprobs_are_under_the_sampling_distribution(rollout_service, t
     tokens, so >= the recompute at T (and > for some token, else the cut would not have been applied)."""
     rollout_service.sync_weights(trained_policy)
     completions = rollout_service.generate(eval_prompts[:3], sampling)
-    assert [(c.prompt_index, c.sample_index) for c in completions] == [(p, s) for p in range(3) for s in range(sampling.n)]
+    assert [(c.prompt_index, c.sample_index) for c in completions] == [
+        (p, s) for p in range(3) for s in range(sampling.n)
+    ]
     recorded = torch.cat([torch.tensor(c.logprobs) for c in completions])
-    at_temperature = torch.cat([recomputed_logprobs(trained_policy, c.prompt_token_ids, c.token_ids, sampling.temperature) for c in completions])
+    at_temperature = torch.cat(
+        [
+            recomputed_logprobs(trained_policy, c.prompt_token_ids, c.token_ids, sampling.temperature)
+            for c in completions
+        ]
+    )
     at_one = torch.cat([recomputed_logprobs(trained_policy, c.prompt_token_ids, c.token_ids, 1.0) for c in completions])
     if sampling.top_k:
         assert (recorded - at_temperature).min() > -LOGPROB_ATOL and (recorded - at_temperature).max() > 1e-3
@@ -130,24 +144,34 @@ def _stop_cases(tokenizer, reference_completion):
     return {
         "max_tokens": SamplingConfig(temperature=0.0, max_tokens=5),
         "stop_string": SamplingConfig(temperature=0.0, max_tokens=MAX_TOKENS, stop=[" ="]),
-        "stop_token_id": SamplingConfig(temperature=0.0, max_tokens=MAX_TOKENS, stop_token_ids=[reference_completion[2]]),
+        "stop_token_id": SamplingConfig(
+            temperature=0.0, max_tokens=MAX_TOKENS, stop_token_ids=[reference_completion[2]]
+        ),
         "ignore_eos": SamplingConfig(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True),
     }
 
 
 @pytest.mark.parametrize("case", ["max_tokens", "stop_string", "stop_token_id", "ignore_eos"])
-def test_hf_backend_returns_the_same_completions(rollout_service, hf_rollout_service, tiny_tokenizer, trained_policy, eval_prompts, case):
+def test_hf_backend_returns_the_same_completions(
+    rollout_service, hf_rollout_service, tiny_tokenizer, trained_policy, eval_prompts, case
+):
     """rollout=hf is a drop-in: same ids, text, finish reason and log-probs as vLLM, including stop handling."""
     rollout_service.sync_weights(trained_policy)
     hf_rollout_service.sync_weights(trained_policy)
-    reference = reference_greedy(trained_policy, prompt_ids(tiny_tokenizer, eval_prompts[:1]), MAX_TOKENS, tiny_tokenizer.eos_token_id)[0]
+    reference = reference_greedy(
+        trained_policy, prompt_ids(tiny_tokenizer, eval_prompts[:1]), MAX_TOKENS, tiny_tokenizer.eos_token_id
+    )[0]
     sampling = _stop_cases(tiny_tokenizer, reference)[case]
     from_vllm = rollout_service.generate(eval_prompts, sampling)
     from_hf = hf_rollout_service.generate(eval_prompts, sampling)
-    assert [(c.token_ids, c.text, c.finish_reason) for c in from_hf] == [(c.token_ids, c.text, c.finish_reason) for c in from_vllm]
+    assert [(c.token_ids, c.text, c.finish_reason) for c in from_hf] == [
+        (c.token_ids, c.text, c.finish_reason) for c in from_vllm
+    ]
     for a, b in zip(from_vllm, from_hf):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=LOGPROB_ATOL, rtol=0)
-    expected_reason = {"max_tokens": "length", "stop_string": "stop", "stop_token_id": "stop", "ignore_eos": "length"}[case]
+    expected_reason = {"max_tokens": "length", "stop_string": "stop", "stop_token_id": "stop", "ignore_eos": "length"}[
+        case
+    ]
     assert from_vllm[0].finish_reason == expected_reason
     if case == "stop_string":
         assert all(" =" not in c.text for c in from_vllm) and " =" in tiny_tokenizer.decode(from_vllm[0].token_ids)
@@ -162,9 +186,13 @@ def test_token_id_prompts_equal_chat_prompts(rollout_service, tiny_tokenizer, tr
 
 def test_long_prompts_error_or_are_left_truncated(rollout_service, tiny_tokenizer):
     too_long = [1] + [200] * 500  # 501 + 24 new tokens > max_model_len 512
-    with pytest.raises(DataError, match="prompt 1 has 501 tokens; with max_tokens=24 it needs 525 > rollout.max_model_len=512"):
+    with pytest.raises(
+        DataError, match="prompt 1 has 501 tokens; with max_tokens=24 it needs 525 > rollout.max_model_len=512"
+    ):
         rollout_service.generate([[1, 2, 3], too_long], GREEDY)
-    left = RolloutService(rollout_service.backend, tiny_tokenizer, dataclasses.replace(rollout_service.cfg, prompt_truncation="left"))
+    left = RolloutService(
+        rollout_service.backend, tiny_tokenizer, dataclasses.replace(rollout_service.cfg, prompt_truncation="left")
+    )
     completion = left.generate([too_long], SamplingConfig(temperature=0.0, max_tokens=24, ignore_eos=True))[0]
     assert completion.prompt_token_ids == too_long[-488:] and len(completion.token_ids) == 24
 

@@ -27,14 +27,24 @@ def free_port() -> int:
 def clean_env() -> dict:
     launcher_keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     env = {key: value for key, value in os.environ.items() if key not in launcher_keys}
-    env.update(DS_ACCELERATOR="cpu", VLLM_ENABLE_V1_MULTIPROCESSING="0", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
+    env.update(
+        DS_ACCELERATOR="cpu", VLLM_ENABLE_V1_MULTIPROCESSING="0", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO)
+    )
     return env
 
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("zero3_sync")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", str(SCRIPT), str(out_dir)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        str(SCRIPT),
+        str(out_dir),
+    ]
     result = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(2)]

@@ -111,7 +111,9 @@ def main(out_dir: Path) -> None:
     cfg = compose([*common, "optim.lr=5e-3"])
     engine = deepspeed_engine(cfg, load_model(cfg.model, tokenizer, seed=0))
     export_hf(engine.module.policy, tokenizer, out_dir / "rollout_init", zero_stage=3)  # the initial policy
-    service = build_rollout_service(RolloutConfig(max_model_len=256, kv_cache_gib=0.25, max_num_seqs=16), out_dir / "rollout_init", tokenizer)
+    service = build_rollout_service(
+        RolloutConfig(max_model_len=256, kv_cache_gib=0.25, max_num_seqs=16), out_dir / "rollout_init", tokenizer
+    )
     results["zero3"] = train_sync_compare(service, engine, cfg, examples, prompts, tokenizer)
 
     lora_cfg = compose([*common, "optim.lr=2e-2", "peft=lora"])

@@ -5,8 +5,8 @@ session's noisy SFT model (500 steps) instead of training it twice.
 """
 
 import pytest
-
 from cli_helpers import compose_config
+
 from evals.runner import evaluate_model
 from posttrain.logging import read_metrics
 from posttrain.trainers import dpo
@@ -24,13 +24,23 @@ def test_pipeline_dpo_stage_raises_greedy_accuracy(noisy_sft_model, tmp_path):
     held-out accuracy of the carry-forgetting SFT model by >= 5 points (measured: 0.555 -> 0.76 on 200
     prompts); its preference margin rises while the chosen answers' likelihood does not fall."""
     stage = next(stage for stage in compose_config(["algo=pipeline"]).algo.stages if stage.name == "dpo")
-    cfg = compose_config([*stage.overrides, f"model.path={noisy_sft_model}", f"run_dir={tmp_path / 'dpo'}",
-                          f"algo.reference.cache_dir={tmp_path / 'cache'}", "logger.progress_bar=false"])
+    cfg = compose_config(
+        [
+            *stage.overrides,
+            f"model.path={noisy_sft_model}",
+            f"run_dir={tmp_path / 'dpo'}",
+            f"algo.reference.cache_dir={tmp_path / 'cache'}",
+            "logger.progress_bar=false",
+        ]
+    )
     run_dir = dpo.main(cfg)
     steps = [m for m in read_metrics(run_dir) if "rewards/margin" in m]
     before, after = greedy_accuracy(noisy_sft_model), greedy_accuracy(run_dir / "final")
-    print(f"greedy held-out accuracy {before:.2f} -> {after:.2f}; chosen logp/token {steps[0]['logps/chosen']:.3f} -> "
-          f"{steps[-1]['logps/chosen']:.3f}, rejected {steps[0]['logps/rejected']:.3f} -> {steps[-1]['logps/rejected']:.3f}")
+    print(
+        f"greedy held-out accuracy {before:.2f} -> {after:.2f}; chosen logp/token {steps[0]['logps/chosen']:.3f} -> "
+        f"{steps[-1]['logps/chosen']:.3f}, rejected {steps[0]['logps/rejected']:.3f} -> "
+        f"{steps[-1]['logps/rejected']:.3f}"
+    )
     assert after >= before + 0.05, (before, after)
     assert steps[-1]["rewards/margin"] > steps[0]["rewards/margin"]
     assert steps[-1]["logps/chosen"] >= steps[0]["logps/chosen"] - 0.01

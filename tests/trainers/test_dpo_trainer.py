@@ -2,16 +2,37 @@
 
 import pytest
 import torch
-
 from cli_helpers import compose_config
+
 from posttrain.engine import reference as reference_module
 from posttrain.logging import read_metrics
 from posttrain.trainers import dpo, sft
 
-FAST = ["algo=dpo", "data=arithmetic_preference", "data.num_train=48", "data.num_eval=16", "logger.progress_bar=false",
-        "train.micro_batch_size=8", "train.max_steps=3", "optim.lr=1e-2", "optim.warmup_ratio=0", "algo.reference.micro_batch_size=5"]
-STEP_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected",
-             "nll", "lr", "grad_norm", "tokens_per_second")
+FAST = [
+    "algo=dpo",
+    "data=arithmetic_preference",
+    "data.num_train=48",
+    "data.num_eval=16",
+    "logger.progress_bar=false",
+    "train.micro_batch_size=8",
+    "train.max_steps=3",
+    "optim.lr=1e-2",
+    "optim.warmup_ratio=0",
+    "algo.reference.micro_batch_size=5",
+]
+STEP_KEYS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margin",
+    "rewards/accuracy",
+    "logps/chosen",
+    "logps/rejected",
+    "nll",
+    "lr",
+    "grad_norm",
+    "tokens_per_second",
+)
 
 
 def run_dpo(run_dir, cache_dir, *overrides):
@@ -79,15 +100,24 @@ def _examples(tokenizer, count=8, **data):
     from posttrain.data.preference import build_preference_examples
     from posttrain.data.sources import SourceRow
 
-    rows = [SourceRow("g", i, row) for i, row in enumerate(generate_task("arithmetic_preference", "train", count, seed=0))]
+    rows = [
+        SourceRow("g", i, row) for i, row in enumerate(generate_task("arithmetic_preference", "train", count, seed=0))
+    ]
     return build_preference_examples(rows, tokenizer, DataConfig(**{"max_length": 128, **data}), "train")[0]
 
 
 def test_cache_key_covers_model_data_template_and_length(tiny_tokenizer, tmp_path):
     import copy
 
-    base = dict(model={"tiny": {"hidden_size": 128}, "seed": 0}, examples=_examples(tiny_tokenizer), tokenizer=tiny_tokenizer,
-                max_length=128, truncation="error", dtype="float32", fused=True)
+    base = dict(
+        model={"tiny": {"hidden_size": 128}, "seed": 0},
+        examples=_examples(tiny_tokenizer),
+        tokenizer=tiny_tokenizer,
+        max_length=128,
+        truncation="error",
+        dtype="float32",
+        fused=True,
+    )
     key = reference_module.reference_cache_key(**base)
     assert key == reference_module.reference_cache_key(**base)
     retemplated = copy.deepcopy(tiny_tokenizer)
@@ -113,7 +143,13 @@ def test_cache_key_covers_model_data_template_and_length(tiny_tokenizer, tmp_pat
 @pytest.mark.integration
 def test_reference_free_simpo_builds_no_reference(tmp_path, monkeypatch):
     counter = ForwardCounter(monkeypatch)
-    run_dir = run_dpo(tmp_path / "simpo", tmp_path / "cache", "algo.loss=simpo", "algo.beta=2.0", "+algo.loss_kwargs.gamma_beta_ratio=0.5")
+    run_dir = run_dpo(
+        tmp_path / "simpo",
+        tmp_path / "cache",
+        "algo.loss=simpo",
+        "algo.beta=2.0",
+        "+algo.loss_kwargs.gamma_beta_ratio=0.5",
+    )
     assert (counter.builds, counter.passes) == (0, 0) and not (tmp_path / "cache").exists()
     metrics = [m for m in read_metrics(run_dir) if "loss" in m]
     assert all(key in metrics[-1] for key in STEP_KEYS)
@@ -139,8 +175,14 @@ def test_nll_alpha_adds_the_chosen_nll_to_any_family_loss(loss):
 
     from posttrain.losses.dpo import chosen_nll
 
-    inputs = (torch.tensor([-4.0, -9.0]), torch.tensor([-6.0, -8.0]), torch.tensor([-5.0, -9.5]),
-              torch.tensor([-5.5, -7.0]), torch.tensor([2, 3]), torch.tensor([3, 2]))
+    inputs = (
+        torch.tensor([-4.0, -9.0]),
+        torch.tensor([-6.0, -8.0]),
+        torch.tensor([-5.0, -9.5]),
+        torch.tensor([-5.5, -7.0]),
+        torch.tensor([2, 3]),
+        torch.tensor([3, 2]),
+    )
 
     def loss_with(alpha):
         algo = SimpleNamespace(loss=loss, beta=2.0, label_smoothing=0.0, loss_kwargs={}, nll_alpha=alpha)
@@ -174,14 +216,25 @@ def test_unknown_loss_fails_before_anything_is_written(tmp_path):
     assert not (tmp_path / "run" / "config.yaml").exists()
 
 
-@pytest.mark.parametrize("name, lr, stage, offload", [("tulu3_8b_dpo", 5e-7, 3, False), ("tulu3_70b_dpo", 2e-7, 3, True)])
+@pytest.mark.parametrize(
+    "name, lr, stage, offload", [("tulu3_8b_dpo", 5e-7, 3, False), ("tulu3_70b_dpo", 2e-7, 3, True)]
+)
 def test_tulu3_dpo_recipes_hold_the_published_numbers(tmp_path, name, lr, stage, offload):
     cfg = compose_config([f"recipe={name}", f"run_dir={tmp_path}"])
     assert (cfg.algo.name, cfg.algo.loss, cfg.algo.beta) == ("dpo", "dpo_norm", 5.0)
-    assert (cfg.optim.lr, cfg.optim.scheduler, cfg.optim.warmup_ratio, cfg.optim.weight_decay) == (lr, "linear", 0.1, 0.0)
+    assert (cfg.optim.lr, cfg.optim.scheduler, cfg.optim.warmup_ratio, cfg.optim.weight_decay) == (
+        lr,
+        "linear",
+        0.1,
+        0.0,
+    )
     assert (cfg.train.epochs, cfg.data.max_length) == (1, 2048)
     assert cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * 8 == 128  # on 8 GPUs
-    assert (cfg.deepspeed.zero_stage, cfg.deepspeed.offload_optimizer, cfg.deepspeed.offload_params) == (stage, offload, offload)
+    assert (cfg.deepspeed.zero_stage, cfg.deepspeed.offload_optimizer, cfg.deepspeed.offload_params) == (
+        stage,
+        offload,
+        offload,
+    )
     assert cfg.model.path
 
 
@@ -189,17 +242,33 @@ def test_tulu3_dpo_recipes_hold_the_published_numbers(tmp_path, name, lr, stage,
 def test_sft_then_dpo_raises_held_out_preference_accuracy(tmp_path):
     """The tiny end-to-end pipeline: SFT on column-addition arithmetic, then DPO on correct vs mistaken answers."""
     task = ["data.generator_kwargs.operations=+", "data.generator_kwargs.steps=true", "logger.progress_bar=false"]
-    sft_cfg = compose_config([f"run_dir={tmp_path / 'sft'}", *task, "data.num_train=960", "data.num_eval=16",
-                              "train.micro_batch_size=16", "train.max_steps=60", "optim.lr=3e-3"])
+    sft_cfg = compose_config(
+        [
+            f"run_dir={tmp_path / 'sft'}",
+            *task,
+            "data.num_train=960",
+            "data.num_eval=16",
+            "train.micro_batch_size=16",
+            "train.max_steps=60",
+            "optim.lr=3e-3",
+        ]
+    )
     sft_dir = sft.main(sft_cfg)
-    dpo_cfg = compose_config([
-        f"run_dir={tmp_path / 'dpo'}", "recipe=tiny_dpo",
-        f"model.path={sft_dir / 'final'}", f"algo.reference.cache_dir={tmp_path / 'cache'}", "logger.progress_bar=false",
-    ])
+    dpo_cfg = compose_config(
+        [
+            f"run_dir={tmp_path / 'dpo'}",
+            "recipe=tiny_dpo",
+            f"model.path={sft_dir / 'final'}",
+            f"algo.reference.cache_dir={tmp_path / 'cache'}",
+            "logger.progress_bar=false",
+        ]
+    )
     run_dir = dpo.main(dpo_cfg)
     metrics = read_metrics(run_dir)
     before, after = metrics[0], metrics[-1]
-    print(f"held-out preference accuracy: {before['eval_accuracy']:.3f} -> {after['eval_accuracy']:.3f} "
-          f"(policy likelihood preference {before['eval_logp_accuracy']:.3f} -> {after['eval_logp_accuracy']:.3f})")
+    print(
+        f"held-out preference accuracy: {before['eval_accuracy']:.3f} -> {after['eval_accuracy']:.3f} "
+        f"(policy likelihood preference {before['eval_logp_accuracy']:.3f} -> {after['eval_logp_accuracy']:.3f})"
+    )
     assert before["step"] == 0 and before["eval_accuracy"] == 0.5
     assert after["eval_accuracy"] >= 0.9

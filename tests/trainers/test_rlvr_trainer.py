@@ -1,8 +1,8 @@
 """RLVR end to end on the tiny model: verified held-out accuracy rises (the proof the loop works)."""
 
 import pytest
-
 from cli_helpers import compose_config
+
 from posttrain.logging import read_metrics
 from posttrain.trainers import rlvr
 
@@ -12,8 +12,15 @@ pytestmark = [pytest.mark.integration, pytest.mark.vllm, pytest.mark.isolated]
 def test_rlvr_raises_held_out_verified_accuracy(noisy_sft_model, tmp_path):
     """From an SFT model whose data forgot most carries (greedy ~0.5 held out), the tiny recipe's GRPO
     run, rewarded only by the gsm8k verifier, lifts greedy held-out accuracy by >= 10 points."""
-    cfg = compose_config(["recipe=tiny_rlvr", f"model.path={noisy_sft_model}", f"run_dir={tmp_path / 'rlvr'}",
-                          "train.max_steps=12", "logger.progress_bar=false"])
+    cfg = compose_config(
+        [
+            "recipe=tiny_rlvr",
+            f"model.path={noisy_sft_model}",
+            f"run_dir={tmp_path / 'rlvr'}",
+            "train.max_steps=12",
+            "logger.progress_bar=false",
+        ]
+    )
     run_dir = rlvr.main(cfg)
     metrics = read_metrics(run_dir)
     evals = [m["eval_accuracy"] for m in metrics if "eval_accuracy" in m]

@@ -15,7 +15,9 @@ def accumulated_gradients(module, examples, plan, packing, pad_token_id, reducti
         batch = collate([examples[i] for i in indices], packing, pad_token_id)
         targets = batch.pop("targets")
         logprobs, _ = module(targets=targets, **batch)
-        loss, _ = get_loss("sft")(logprobs, (targets != IGNORE_INDEX).float(), step_target_tokens=step_tokens, reduction=reduction)
+        loss, _ = get_loss("sft")(
+            logprobs, (targets != IGNORE_INDEX).float(), step_target_tokens=step_tokens, reduction=reduction
+        )
         loss.backward()
     return {n: p.grad.clone() for n, p in module.named_parameters()}
 

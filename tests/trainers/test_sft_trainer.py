@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from cli_helpers import compose_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cli_helpers import compose_config
 from posttrain.logging import read_metrics
 from posttrain.trainers import sft
 
@@ -36,7 +36,12 @@ def test_sft_loss_falls_and_final_loads_and_generates(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(final)
     tokenizer = AutoTokenizer.from_pretrained(final)
     assert tokenizer.chat_template
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 12 + 30?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 12 + 30?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     output = model.generate(**prompt, max_new_tokens=12, do_sample=False)
     assert output.shape[1] > prompt["input_ids"].shape[1]
     # The exported weights are the trained ones, not the initialisation.
