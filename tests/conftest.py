@@ -10,7 +10,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import pytest  # noqa: E402
-from cli_helpers import compose_config  # noqa: E402,F401  (kept importable from conftest for fixtures)
+from helpers import compose_config  # noqa: E402,F401  (kept importable from conftest for fixtures)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cli_helpers import compose_config, run_posttrain
+from helpers import compose_config, run_posttrain
 from omegaconf import OmegaConf
 
 from posttrain.cli import CONF_DIR, run

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from cli_helpers import compose_config, run_posttrain
+from helpers import compose_config, run_posttrain
 
 from posttrain import pipeline
 from posttrain.errors import ConfigError

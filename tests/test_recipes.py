@@ -1,7 +1,7 @@
 """The Tülu 3 recipes in conf/recipe/ hold the published numbers of REFERENCE.md section 1."""
 
 import pytest
-from cli_helpers import compose_config
+from helpers import compose_config
 
 
 def recipe(name, tmp_path):

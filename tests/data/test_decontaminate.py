@@ -4,7 +4,7 @@ import json
 import subprocess
 
 import pytest
-from cli_helpers import cli_env, posttrain_command
+from helpers import cli_env, posttrain_command
 
 from data_recipes.decontaminate import decontaminate, normalize_words, word_ngrams
 from posttrain.cli import run_subcommand

@@ -172,7 +172,7 @@ def test_bad_json_line_names_file_and_line(tmp_path):
 
 
 def test_shipped_example_config_composes_and_mixes(tmp_path):
-    from cli_helpers import compose_config
+    from helpers import compose_config
 
     cfg = compose_config(["data=mixture_example", f"run_dir={tmp_path}"])
     counts = Counter(row.row[PROVENANCE_COLUMN] for row in load_rows(cfg.data, "train"))

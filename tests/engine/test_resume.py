@@ -5,7 +5,7 @@ import subprocess
 import time
 
 import pytest
-from cli_helpers import cli_env, posttrain_command, run_posttrain
+from helpers import cli_env, posttrain_command, run_posttrain
 
 from posttrain.engine.checkpoint import list_checkpoints
 from posttrain.logging import read_metrics

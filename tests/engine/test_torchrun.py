@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import pytest
-from cli_helpers import cli_env, run_posttrain
+from helpers import cli_env, run_posttrain
 
 from posttrain.engine.distributed import free_port
 from posttrain.logging import read_metrics

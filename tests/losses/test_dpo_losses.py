@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import t
 
 from posttrain.errors import ConfigError
 from posttrain.losses import LOSSES, get_loss
@@ -11,10 +12,6 @@ from posttrain.losses.dpo import chosen_nll, dpo, dpo_norm, hinge, ipo, simpo, w
 
 DPO_FAMILY = ["dpo", "dpo_norm", "simpo", "ipo", "hinge", "wpo"]
 REWARD_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy"}
-
-
-def t(*values, requires_grad=False):
-    return torch.tensor(values, dtype=torch.float64, requires_grad=requires_grad)
 
 
 def softplus(x: float) -> float:

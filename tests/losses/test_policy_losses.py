@@ -4,14 +4,11 @@ import math
 
 import pytest
 import torch
+from helpers import t
 
 from posttrain.errors import ConfigError
 from posttrain.losses import get_loss
 from posttrain.losses.policy import aggregate_token_losses, group_advantages, grpo, kl_penalty
-
-
-def t(*rows, requires_grad=False):
-    return torch.tensor(rows, dtype=torch.float64, requires_grad=requires_grad)
 
 
 def test_grpo_is_registered():

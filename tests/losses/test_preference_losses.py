@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import t
 
 from posttrain.losses import get_loss
 from posttrain.losses.preference import (
@@ -17,10 +18,6 @@ from posttrain.losses.preference import (
     self_play_targets,
     sppo,
 )
-
-
-def t(*values, requires_grad=False):
-    return torch.tensor(values, dtype=torch.float64, requires_grad=requires_grad)
 
 
 def random_embeddings(*shape, seed=0):

@@ -1,8 +1,7 @@
-"""Rollout test fixtures: the session's one vLLM engine (shared with other folders via posttrain.rollout.testing)."""
+"""Rollout test fixtures: the session's one vLLM engine (shared with other folders via rollout_helpers)."""
 
 import pytest
-
-from posttrain.rollout.testing import cpu_test_environment
+from rollout_helpers import cpu_test_environment
 
 cpu_test_environment()
 
@@ -10,14 +9,14 @@ cpu_test_environment()
 @pytest.fixture(scope="session")
 def rollout_service(tiny_tokenizer):
     """The process-wide vLLM RolloutService on the tiny model (~40 s to start, once)."""
-    from posttrain.rollout.testing import shared_rollout_service
+    from rollout_helpers import shared_rollout_service
 
     return shared_rollout_service(tiny_tokenizer)
 
 
 @pytest.fixture(scope="session")
 def hf_rollout_service(tiny_tokenizer):
-    from posttrain.rollout.testing import shared_rollout_service
+    from rollout_helpers import shared_rollout_service
 
     return shared_rollout_service(tiny_tokenizer, backend="hf")
 
@@ -43,7 +42,7 @@ def trained_policy(tiny_tokenizer, sft_examples):
 
     Tests must not modify it (they copy it when they train further).
     """
-    from posttrain.rollout.testing import tiny_policy, train_sft
+    from rollout_helpers import tiny_policy, train_sft
 
     model = tiny_policy(tiny_tokenizer)
     train_sft(model, sft_examples, steps=40, lr=3e-3)

@@ -5,11 +5,11 @@ import dataclasses
 
 import pytest
 import torch
+from rollout_helpers import recomputed_logprobs
 
 from posttrain.rollout.config import RolloutConfig, SamplingConfig
 from posttrain.rollout.hf_backend import HFBackend, finish_point
 from posttrain.rollout.service import RolloutService
-from posttrain.rollout.testing import recomputed_logprobs
 
 
 @pytest.fixture(scope="module")

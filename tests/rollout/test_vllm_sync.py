@@ -11,11 +11,11 @@ import dataclasses
 
 import pytest
 import torch
+from rollout_helpers import recomputed_logprobs, reference_greedy, tiny_policy, train_sft
 
 from posttrain.data.chat import render_ids
 from posttrain.errors import DataError
 from posttrain.rollout import RolloutService, SamplingConfig
-from posttrain.rollout.testing import recomputed_logprobs, reference_greedy, tiny_policy, train_sft
 
 pytestmark = pytest.mark.vllm
 
@@ -199,9 +199,10 @@ def test_long_prompts_error_or_are_left_truncated(rollout_service, tiny_tokenize
 
 def test_engine_start_failure_is_a_config_error(rollout_service, tiny_tokenizer, tmp_path):
     """vLLM's own start-up errors come back as ConfigError with the cause (here a too-long max_model_len)."""
+    from rollout_helpers import save_policy_dir
+
     from posttrain.errors import ConfigError
     from posttrain.rollout import RolloutConfig, build_rollout_service
-    from posttrain.rollout.testing import save_policy_dir
 
     model_dir = save_policy_dir(tiny_policy(tiny_tokenizer), tiny_tokenizer, tmp_path / "policy")
     with pytest.raises(ConfigError, match="vLLM could not start an engine .*max_model_len"):

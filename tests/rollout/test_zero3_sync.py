@@ -3,25 +3,18 @@ takes the gathered weights and then equals transformers on them (see zero3_sync_
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.distributed, pytest.mark.vllm]
 
 SCRIPT = Path(__file__).with_name("zero3_sync_script.py")
 REPO = Path(__file__).resolve().parents[2]
 LOGPROB_ATOL = 1e-4  # float32 on both sides; see test_vllm_sync
-
-
-def free_port() -> int:
-    # An explicit port: with torch 2.13, `torchrun --master_port=0` leaves workers connecting to port 0.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def clean_env() -> dict:

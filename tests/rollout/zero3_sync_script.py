@@ -17,9 +17,10 @@ from pathlib import Path
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parents[1])]  # repo, tests/
 
 import torch  # noqa: E402
+from rollout_helpers import recomputed_logprobs, reference_greedy  # noqa: E402
 
 from posttrain.data.batching import collate  # noqa: E402
 from posttrain.data.chat import IGNORE_INDEX, render_ids, tokenize_conversation  # noqa: E402
@@ -31,7 +32,6 @@ from posttrain.models.logprob_model import CausalLMWithLogprobs  # noqa: E402
 from posttrain.models.lora import wrap_lora  # noqa: E402
 from posttrain.models.tokenizer import train_tokenizer  # noqa: E402
 from posttrain.rollout import RolloutConfig, SamplingConfig, build_rollout_service  # noqa: E402
-from posttrain.rollout.testing import recomputed_logprobs, reference_greedy  # noqa: E402
 
 MAX_TOKENS = 24
 STEPS = 12

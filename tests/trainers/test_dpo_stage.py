@@ -5,7 +5,7 @@ session's noisy SFT model (500 steps) instead of training it twice.
 """
 
 import pytest
-from cli_helpers import compose_config
+from helpers import compose_config
 
 from evals.runner import evaluate_model
 from posttrain.logging import read_metrics

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from cli_helpers import compose_config
+from helpers import compose_config
 
 from posttrain.engine import reference as reference_module
 from posttrain.logging import read_metrics

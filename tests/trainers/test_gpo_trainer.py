@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from cli_helpers import compose_config
+from helpers import compose_config
 
 from posttrain.errors import ConfigError
 from posttrain.logging import read_metrics
@@ -129,8 +129,9 @@ def game_gpm(tmp_path_factory):
 def engine_matches_trainer(run, prompts) -> tuple[bool, float]:
     """(the engine's greedy completions equal transformers greedy on the trainer's weights, the largest
     |engine - trainer| log-prob of a sampled completion's tokens)."""
+    from rollout_helpers import recomputed_logprobs, reference_greedy
+
     from posttrain.rollout.config import SamplingConfig
-    from posttrain.rollout.testing import recomputed_logprobs, reference_greedy
 
     policy = run.engine.module.policy
     greedy = run.rollout.generate(prompts, SamplingConfig(n=1, temperature=0.0, max_tokens=8))

@@ -1,7 +1,7 @@
 """Reward-model trainer (algo=rm): BT and GPM heads end to end, export / reload, accumulation equivalence."""
 
 import pytest
-from cli_helpers import compose_config
+from helpers import compose_config
 
 from posttrain.logging import read_metrics
 from posttrain.trainers import reward

@@ -1,7 +1,7 @@
 """RLVR end to end on the tiny model: verified held-out accuracy rises (the proof the loop works)."""
 
 import pytest
-from cli_helpers import compose_config
+from helpers import compose_config
 
 from posttrain.logging import read_metrics
 from posttrain.trainers import rlvr

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from cli_helpers import compose_config
+from helpers import compose_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,4 +1,4 @@
-"""Compose posttrain configs and run the `posttrain` command in a subprocess, as a user would.
+"""Helpers every test folder shares: compose configs and run `posttrain` as a user would, free ports, tensors.
 
 (Not in conftest.py: test folders have their own conftest.py, so `import conftest` is ambiguous.)
 """
@@ -8,13 +8,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from posttrain.engine.distributed import free_port  # noqa: F401  (re-exported: the one free-port helper)
+
 REPO = Path(__file__).resolve().parent.parent
+
+
+LAUNCHER_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def t(*rows, requires_grad=False) -> torch.Tensor:
+    """A float64 tensor of `rows` (numbers, or lists of numbers): hand-derived test values."""
+    return torch.tensor(rows, dtype=torch.float64, requires_grad=requires_grad)
 
 
 def cli_env() -> dict:
     # A fresh process: no distributed settings inherited from in-process runs of this test session.
-    launcher_keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {key: value for key, value in os.environ.items() if key not in launcher_keys}
+    env = {key: value for key, value in os.environ.items() if key not in LAUNCHER_KEYS}
     env.update(DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline", PYTHONPATH=str(REPO))
     return env
 
