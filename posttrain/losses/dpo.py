@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from posttrain.losses import register_loss
+from posttrain.losses import PAIR_LOSSES
 
 Metrics = dict[str, torch.Tensor]
 
@@ -100,7 +100,7 @@ def chosen_nll(policy_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor |
     return -_average("chosen_nll", policy_chosen_logps, chosen_lengths, "chosen_lengths").mean()
 
 
-@register_loss("dpo")
+@PAIR_LOSSES.register("dpo")
 def dpo(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -134,7 +134,7 @@ def dpo(
     return loss, _reward_metrics(loss, chosen_rewards, rejected_rewards)
 
 
-@register_loss("dpo_norm")
+@PAIR_LOSSES.register("dpo_norm")
 def dpo_norm(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -173,7 +173,7 @@ def dpo_norm(
     return loss, _reward_metrics(loss, chosen_rewards, rejected_rewards)
 
 
-@register_loss("simpo")
+@PAIR_LOSSES.register("simpo")
 def simpo(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -208,7 +208,7 @@ def simpo(
     return loss, _reward_metrics(loss, chosen_rewards, rejected_rewards)
 
 
-@register_loss("ipo")
+@PAIR_LOSSES.register("ipo")
 def ipo(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -245,7 +245,7 @@ def ipo(
     return loss, _reward_metrics(loss, beta * chosen_ratio, beta * rejected_ratio)
 
 
-@register_loss("hinge")
+@PAIR_LOSSES.register("hinge")
 def hinge(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -278,7 +278,7 @@ def hinge(
     return loss, _reward_metrics(loss, chosen_rewards, rejected_rewards)
 
 
-@register_loss("wpo")
+@PAIR_LOSSES.register("wpo")
 def wpo(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,

@@ -6,57 +6,68 @@ Shapes: B sequences (rollouts) of up to T response tokens; `mask` [B, T] is 1 on
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from posttrain.errors import ConfigError
-from posttrain.losses import register_loss
+from posttrain.losses import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES
 
 Metrics = dict[str, torch.Tensor]
 
-ADVANTAGE_MODES = ("centered", "standard")
 AGGREGATIONS = ("token_mean", "sequence_mean", "sum_constant")
+
+
+@ADVANTAGE_ESTIMATORS.register("centered")
+def centered_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """A = r - mean_group(r) (Dr. GRPO, Liu et al. 2025). rewards [P, G] -> [P, G]."""
+    return rewards - rewards.mean(-1, keepdim=True)
+
+
+@ADVANTAGE_ESTIMATORS.register("standard")
+def standardized_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """A = (r - mean_group(r)) / (std_group(r) + eps) (GRPO, Shao et al. 2024), with the unbiased (G - 1) std
+    as torch.std and the common GRPO implementations; a group of one is only centred. [P, G] -> [P, G]."""
+    centered = rewards - rewards.mean(-1, keepdim=True)
+    if rewards.shape[-1] < 2:
+        return centered
+    return centered / (rewards.std(-1, keepdim=True) + eps)
 
 
 def group_advantages(
     rewards: torch.Tensor, mode: str = "centered", eps: float = 1e-6
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group-relative advantages (GRPO, Shao et al. 2024, "DeepSeekMath"; "centered" as in Dr. GRPO, Liu et al. 2025).
+    """Group-relative advantages from the estimator `mode` (ADVANTAGE_ESTIMATORS: centered | standard).
 
-    rewards [P, G]: G sampled responses for each of P prompts.
-    centered: A = r - mean_group(r);  standard: A = (r - mean_group(r)) / (std_group(r) + eps), with the
-    unbiased (G - 1) std, as torch.std and the common GRPO implementations.
-    Returns (advantages [P, G], keep_mask [P] bool). keep_mask is False for groups whose rewards are all
-    equal (no learning signal; also every group when G = 1); their advantages are exactly 0.
+    rewards [P, G]: G sampled responses for each of P prompts. Returns (advantages [P, G], keep_mask [P] bool).
+    keep_mask is False for groups whose rewards are all equal (no learning signal; also every group when
+    G = 1); their advantages are exactly 0.
     """
-    if mode not in ADVANTAGE_MODES:
-        raise ConfigError(f"unknown advantage mode {mode!r}; known modes: {', '.join(ADVANTAGE_MODES)}")
+    estimator = ADVANTAGE_ESTIMATORS.get(mode, "algo.advantage")
     if rewards.dim() != 2:
         raise ValueError(f"rewards has shape {list(rewards.shape)}; expected [num_prompts, group_size]")
     # Exact equality, not std < tol: a group is dropped only when it truly has no signal.
     keep_mask = rewards.amax(-1) != rewards.amin(-1)
-    advantages = rewards - rewards.mean(-1, keepdim=True)
-    if mode == "standard" and rewards.shape[-1] > 1:
-        advantages = advantages / (rewards.std(-1, keepdim=True) + eps)
+    advantages = estimator(rewards, eps=eps) if mode == "standard" else estimator(rewards)
     # Zero exactly: the float mean of equal values can differ from them in the last bit.
     advantages = torch.where(keep_mask[:, None], advantages, torch.zeros_like(advantages))
     return advantages, keep_mask
 
 
-def _kl_k1(log_ratio: torch.Tensor) -> torch.Tensor:
+@KL_ESTIMATORS.register("k1")
+def kl_k1(log_ratio: torch.Tensor) -> torch.Tensor:
+    """k1 = -d, d = logp_ref - logp: unbiased, high variance, can be negative."""
     return -log_ratio
 
 
-def _kl_k2(log_ratio: torch.Tensor) -> torch.Tensor:
+@KL_ESTIMATORS.register("k2")
+def kl_k2(log_ratio: torch.Tensor) -> torch.Tensor:
+    """k2 = d^2 / 2: biased, low variance, >= 0."""
     return 0.5 * log_ratio**2
 
 
-def _kl_k3(log_ratio: torch.Tensor) -> torch.Tensor:
+@KL_ESTIMATORS.register("k3")
+def kl_k3(log_ratio: torch.Tensor) -> torch.Tensor:
+    """k3 = exp(d) - d - 1: unbiased, low variance, >= 0."""
     return torch.expm1(log_ratio) - log_ratio
-
-
-KL_ESTIMATORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"k1": _kl_k1, "k2": _kl_k2, "k3": _kl_k3}
 
 
 def kl_penalty(logprobs: torch.Tensor, reference_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
@@ -65,9 +76,7 @@ def kl_penalty(logprobs: torch.Tensor, reference_logprobs: torch.Tensor, estimat
     d = logp_ref - logp;  k1 = -d,  k2 = d^2 / 2,  k3 = exp(d) - d - 1  (k2, k3 >= 0; k3 unbiased, low variance).
     Same shape as the inputs; gradients flow through `logprobs` (the reference is treated as constant).
     """
-    if estimator not in KL_ESTIMATORS:
-        raise ConfigError(f"unknown KL estimator {estimator!r}; known estimators: {', '.join(KL_ESTIMATORS)}")
-    return KL_ESTIMATORS[estimator](reference_logprobs.detach() - logprobs)
+    return KL_ESTIMATORS.get(estimator, "algo.kl_estimator")(reference_logprobs.detach() - logprobs)
 
 
 def aggregate_token_losses(
@@ -106,7 +115,7 @@ def _token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return aggregate_token_losses(values.detach(), mask, "token_mean")
 
 
-@register_loss("grpo")
+@POLICY_LOSSES.register("grpo")
 def grpo(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,

@@ -20,8 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from posttrain.errors import ConfigError
-from posttrain.losses import register_loss
+from posttrain.losses import REWARD_MODEL_LOSSES, SELF_PLAY_LOSSES, SELF_PLAY_TARGETS
 
 Metrics = dict[str, torch.Tensor]
 
@@ -67,7 +66,6 @@ def gpm_score_matrix(embeddings: torch.Tensor, gate: torch.Tensor | None = None)
     return cross - cross.transpose(1, 2)
 
 
-@register_loss("bt")
 def bt(
     chosen_rewards: torch.Tensor,
     rejected_rewards: torch.Tensor,
@@ -96,7 +94,6 @@ def bt(
     }
 
 
-@register_loss("gpm")
 def gpm(
     chosen_embeddings: torch.Tensor,
     rejected_embeddings: torch.Tensor,
@@ -121,6 +118,7 @@ def gpm(
     return loss, {"loss": loss.detach(), "accuracy": (scores > 0).float().mean(), "score": scores.mean()}
 
 
+@SELF_PLAY_TARGETS.register("gpo")
 def mean_preference_scores(score_matrix: torch.Tensor, tau: float) -> torch.Tensor:
     """GPO target per response: s_hat(y_i) = (1/K) sum_{j=1..K} s(y_i > y_j) / tau.
 
@@ -131,6 +129,7 @@ def mean_preference_scores(score_matrix: torch.Tensor, tau: float) -> torch.Tens
     return score_matrix.mean(-1) / tau
 
 
+@SELF_PLAY_TARGETS.register("sppo")
 def mean_win_probabilities(score_matrix: torch.Tensor, tau: float) -> torch.Tensor:
     """SPPO target per response: P_hat(y_i) = (1/K) sum_{j=1..K} sigma(s(y_i > y_j) / tau).
 
@@ -178,7 +177,7 @@ def _self_play_regression(
     }
 
 
-@register_loss("gpo")
+@SELF_PLAY_LOSSES.register("gpo")
 def gpo(
     policy_logps_w: torch.Tensor,
     policy_logps_l: torch.Tensor,
@@ -207,7 +206,7 @@ def gpo(
     )
 
 
-@register_loss("sppo")
+@SELF_PLAY_LOSSES.register("sppo")
 def sppo(
     policy_logps_w: torch.Tensor,
     policy_logps_l: torch.Tensor,
@@ -243,17 +242,22 @@ def sppo(
     )
 
 
-# The per-response regression target each self-play loss expects, from a [..., K, K] score matrix and tau.
-SELF_PLAY_TARGETS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
-    "gpo": mean_preference_scores,
-    "sppo": mean_win_probabilities,
-}
-
-
 def self_play_targets(loss_name: str) -> Callable[[torch.Tensor, float], torch.Tensor]:
-    """`mean_preference_scores` for gpo, `mean_win_probabilities` for sppo; other names fail listing these."""
-    if loss_name not in SELF_PLAY_TARGETS:
-        raise ConfigError(
-            f"algo.loss={loss_name!r} is not a self-play loss; known: {', '.join(sorted(SELF_PLAY_TARGETS))}"
-        )
-    return SELF_PLAY_TARGETS[loss_name]
+    """The target function of the self-play loss `loss_name` (mean_preference_scores for gpo, mean_win_probabilities
+    for sppo); any other name fails listing the self-play losses."""
+    SELF_PLAY_LOSSES.get(loss_name, "algo.loss")
+    return SELF_PLAY_TARGETS.get(loss_name, "algo.loss")
+
+
+@REWARD_MODEL_LOSSES.register("bt")
+def bt_head_loss(
+    chosen_values: torch.Tensor, rejected_values: torch.Tensor, gate: torch.Tensor | None, *, margin: float, tau: float
+) -> tuple[torch.Tensor, Metrics]:
+    """`bt` on a scalar reward head's outputs [B, 1] (the reward-model family's signature). Bradley-Terry has no
+    prompt gate and no temperature: P(y_c > y_r) = sigma(r_c - r_r), so `tau` is not used and a gate is refused."""
+    if gate is not None:
+        raise ValueError("bt: a Bradley-Terry head has no prompt gate; the gate is a GPM option")
+    return bt(chosen_values[:, 0], rejected_values[:, 0], margin=margin)
+
+
+REWARD_MODEL_LOSSES.register("gpm")(gpm)

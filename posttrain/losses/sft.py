@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.losses import register_loss
-
 REDUCTIONS = ("token_mean", "sum")
 
 
-@register_loss("sft")
 def sft_loss(
     token_logprobs: torch.Tensor,
     target_mask: torch.Tensor,

@@ -35,7 +35,7 @@ from posttrain.engine.reference import (
 )
 from posttrain.errors import ConfigError
 from posttrain.logging import MetricsLogger
-from posttrain.losses import get_loss
+from posttrain.losses import PAIR_LOSSES
 from posttrain.losses.dpo import chosen_nll
 from posttrain.models.loading import load_model
 from posttrain.models.logprob_model import CausalLMWithLogprobs
@@ -155,7 +155,7 @@ def build_reference(cfg, tokenizer, train_examples, eval_examples) -> Reference:
 def setup(cfg) -> DPORun:
     init_distributed()
     seed_everything(cfg.seed + rank())
-    get_loss(cfg.algo.loss)  # an unknown loss name fails now, listing the known ones
+    PAIR_LOSSES.get(cfg.algo.loss, "algo.loss")  # a wrong name fails now, naming the family
     if cfg.algo.nll_alpha < 0:
         raise ConfigError(
             f"algo.nll_alpha={cfg.algo.nll_alpha} is negative; it weighs the chosen NLL (RPO): use 0 to turn it "
@@ -229,7 +229,7 @@ def family_loss(run: DPORun, inputs: tuple):
     returns (loss, metrics). `logps/chosen` and `logps/rejected` are the policy's per-token log-probs: when
     both fall, the policy is moving mass off both responses (to text neither of them is)."""
     algo = run.cfg.algo
-    loss, metrics = get_loss(algo.loss)(
+    loss, metrics = PAIR_LOSSES.get(algo.loss)(
         *inputs, beta=algo.beta, label_smoothing=algo.label_smoothing, **dict(algo.loss_kwargs)
     )
     nll = chosen_nll(inputs[0], inputs[4])

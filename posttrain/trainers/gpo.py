@@ -37,7 +37,7 @@ from posttrain.engine.distributed import all_reduce_sum, init_distributed, rank,
 from posttrain.engine.export import export_hf, rollout_model_dir
 from posttrain.errors import ConfigError
 from posttrain.logging import MetricsLogger
-from posttrain.losses import get_loss
+from posttrain.losses import SELF_PLAY_LOSSES
 from posttrain.losses.preference import self_play_targets
 from posttrain.models.loading import load_model, load_tokenizer
 from posttrain.models.logprob_model import CausalLMWithLogprobs
@@ -332,7 +332,7 @@ def update_policy(run: GPORun, pairs: SelfPlayPairs, iteration: int) -> dict[str
         len(pairs.examples),
         cfg.seed * 7919 + iteration,
     )  # local pairs: DeepSpeed's mean over ranks makes the global mean
-    loss_fn = get_loss(cfg.algo.loss)
+    loss_fn = SELF_PLAY_LOSSES.get(cfg.algo.loss)
     totals = [0.0] * (len(LOSS_METRICS) + 1)
     for step in range(cfg.algo.epochs_per_iteration * run.steps_per_epoch):
         for indices in plan.micro_batches(step, 0):

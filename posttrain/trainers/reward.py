@@ -24,7 +24,7 @@ from posttrain.engine.distributed import all_reduce_sum, barrier, init_distribut
 from posttrain.engine.export import gathered_parameters
 from posttrain.errors import ConfigError
 from posttrain.logging import MetricsLogger
-from posttrain.losses import get_loss
+from posttrain.losses import REWARD_MODEL_LOSSES
 from posttrain.models.reward import RewardHeadConfig, build_reward_model, pair_scores, save_reward_model
 from posttrain.run_dir import resume_point, write_config
 from posttrain.training import load_preference_data, pair_loss_scale, seed_everything, total_optimizer_steps
@@ -106,9 +106,7 @@ def head_outputs(run: RewardRun, batch: PairBatch):
 
 def preference_loss(algo, chosen, rejected, gate):
     """`bt` on scalar rewards or `gpm` on embeddings (posttrain.losses.preference); returns (loss, metrics)."""
-    if algo.head == "bt":
-        return get_loss("bt")(chosen[:, 0], rejected[:, 0], margin=algo.margin)
-    return get_loss("gpm")(chosen, rejected, gate, tau=algo.tau, margin=algo.margin)
+    return REWARD_MODEL_LOSSES.get(algo.head, "algo.head")(chosen, rejected, gate, margin=algo.margin, tau=algo.tau)
 
 
 def train_step(run: RewardRun, step: int) -> dict[str, float]:

@@ -27,7 +27,7 @@ from posttrain.engine.export import export_hf, hf_state_dict, rollout_model_dir
 from posttrain.engine.reference import frozen_model
 from posttrain.errors import ConfigError
 from posttrain.logging import MetricsLogger
-from posttrain.losses import get_loss
+from posttrain.losses import POLICY_LOSSES
 from posttrain.losses.policy import group_advantages
 from posttrain.models.loading import load_model, load_tokenizer
 from posttrain.models.logprob_model import CausalLMWithLogprobs
@@ -252,7 +252,7 @@ def optimizer_step(run: RLVRRun, minibatch: list[Sequence], old: dict | None, re
             engine, chunk, with_entropy=True, temperature=sampling_temperature(algo)
         )
         ids = [id(s) for s in chunk]
-        loss, parts = get_loss("grpo")(
+        loss, parts = POLICY_LOSSES.get("grpo")(
             logprobs,
             old_logprob_rows(old, chunk, logprobs, mask),
             torch.tensor([s.advantage for s in chunk], device=mask.device),

@@ -21,7 +21,7 @@ from posttrain.engine.checkpoint import load_checkpoint, save_checkpoint
 from posttrain.engine.distributed import all_reduce_sum, init_distributed, rank, world_size
 from posttrain.engine.export import export_hf
 from posttrain.logging import MetricsLogger
-from posttrain.losses import get_loss
+from posttrain.losses.sft import sft_loss
 from posttrain.models.loading import load_model, load_tokenizer
 from posttrain.models.logprob_model import CausalLMWithLogprobs
 from posttrain.models.lora import wrap_lora
@@ -114,7 +114,7 @@ def train_step(run: SFTRun, step: int) -> dict[str, float]:
         batch = batch_to(collate(examples, cfg.data.packing, run.tokenizer.pad_token_id), engine.device)
         targets = batch.pop("targets")
         logprobs, _ = engine(targets=targets, **batch)
-        loss, parts = get_loss("sft")(
+        loss, parts = sft_loss(
             logprobs,
             (targets != IGNORE_INDEX).float(),
             step_target_tokens=step_target_tokens,

@@ -7,7 +7,7 @@ import torch
 from helpers import t
 
 from posttrain.errors import ConfigError
-from posttrain.losses import LOSSES, get_loss
+from posttrain.losses import PAIR_LOSSES
 from posttrain.losses.dpo import chosen_nll, dpo, dpo_norm, hinge, ipo, simpo, wpo
 
 DPO_FAMILY = ["dpo", "dpo_norm", "simpo", "ipo", "hinge", "wpo"]
@@ -28,17 +28,17 @@ def random_pairs(batch=5, seed=0):
 
 def test_registry_has_dpo_family_and_unknown_name_lists_known():
     for name in DPO_FAMILY:
-        assert name in LOSSES
-    assert get_loss("dpo") is dpo
-    with pytest.raises(ConfigError, match="unknown loss .dpo_sigmoid.; known .*: .*dpo_norm.*simpo"):
-        get_loss("dpo_sigmoid")
+        assert name in PAIR_LOSSES
+    assert PAIR_LOSSES.get("dpo") is dpo
+    with pytest.raises(ConfigError, match="unknown preference-pair loss .dpo_sigmoid.; known .*: .*dpo_norm.*simpo"):
+        PAIR_LOSSES.get("dpo_sigmoid")
 
 
 @pytest.mark.parametrize("name", DPO_FAMILY)
 def test_uniform_signature_scalar_loss_and_detached_metrics(name):
     policy_c, policy_r, reference_c, reference_r, len_c, len_r = random_pairs()
     policy_c.requires_grad_(True)
-    loss, metrics = get_loss(name)(policy_c, policy_r, reference_c, reference_r, len_c, len_r, beta=0.1)
+    loss, metrics = PAIR_LOSSES.get(name)(policy_c, policy_r, reference_c, reference_r, len_c, len_r, beta=0.1)
     assert loss.dim() == 0
     assert REWARD_KEYS <= set(metrics)
     assert all(value.dim() == 0 and not value.requires_grad for value in metrics.values())
@@ -168,7 +168,7 @@ def test_hinge_known_points():
 @pytest.mark.parametrize("name", ["ipo", "hinge"])
 def test_losses_without_smoothed_form_reject_label_smoothing(name):
     with pytest.raises(ValueError, match="no label-smoothed form"):
-        get_loss(name)(*random_pairs(), beta=0.1, label_smoothing=0.1)
+        PAIR_LOSSES.get(name)(*random_pairs(), beta=0.1, label_smoothing=0.1)
 
 
 def test_wpo_hand_value_and_detached_weight():
@@ -200,24 +200,26 @@ def test_per_token_logps_are_rejected(name):
     """The WPO trap in REFERENCE.md: per-token [B, T] log-probs where per-sequence sums [B] belong."""
     per_token = -torch.rand(3, 5)
     with pytest.raises(ValueError, match=r"expected per-sequence values of shape \[B\]"):
-        get_loss(name)(per_token, per_token, per_token, per_token, torch.full((3,), 5), torch.full((3,), 5), beta=0.1)
+        PAIR_LOSSES.get(name)(
+            per_token, per_token, per_token, per_token, torch.full((3,), 5), torch.full((3,), 5), beta=0.1
+        )
 
 
 @pytest.mark.parametrize("name", ["dpo", "dpo_norm", "ipo", "hinge", "wpo"])
 def test_missing_reference_is_a_clear_error(name):
     policy_c, policy_r, _, _, len_c, len_r = random_pairs()
     with pytest.raises(ValueError, match="needs reference_chosen_logps and reference_rejected_logps"):
-        get_loss(name)(policy_c, policy_r, None, None, len_c, len_r, beta=0.1)
+        PAIR_LOSSES.get(name)(policy_c, policy_r, None, None, len_c, len_r, beta=0.1)
 
 
 @pytest.mark.parametrize("name", ["dpo_norm", "simpo", "ipo", "wpo"])
 def test_length_normalised_losses_need_positive_lengths(name):
     policy_c, policy_r, reference_c, reference_r, len_c, len_r = random_pairs()
     with pytest.raises(ValueError, match="chosen_lengths"):
-        get_loss(name)(policy_c, policy_r, reference_c, reference_r, None, len_r, beta=0.1)
+        PAIR_LOSSES.get(name)(policy_c, policy_r, reference_c, reference_r, None, len_r, beta=0.1)
     len_c[0] = 0
     with pytest.raises(ValueError, match="must be > 0"):
-        get_loss(name)(policy_c, policy_r, reference_c, reference_r, len_c, len_r, beta=0.1)
+        PAIR_LOSSES.get(name)(policy_c, policy_r, reference_c, reference_r, len_c, len_r, beta=0.1)
 
 
 def test_chosen_nll_hand_value_and_gradient():

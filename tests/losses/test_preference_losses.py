@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import t
 
-from posttrain.losses import get_loss
+from posttrain.losses import REWARD_MODEL_LOSSES, SELF_PLAY_LOSSES
 from posttrain.losses.preference import (
     bt,
     gpm,
@@ -25,15 +25,27 @@ def random_embeddings(*shape, seed=0):
 
 
 def test_registered_names():
-    assert get_loss("bt") is bt and get_loss("gpm") is gpm
-    assert get_loss("gpo") is gpo and get_loss("sppo") is sppo
+    assert REWARD_MODEL_LOSSES.names() == ["bt", "gpm"] and REWARD_MODEL_LOSSES.get("gpm") is gpm
+    assert SELF_PLAY_LOSSES.get("gpo") is gpo and SELF_PLAY_LOSSES.get("sppo") is sppo
+
+
+def test_bt_head_loss_is_bt_on_the_scalar_head():
+    chosen, rejected = t([1.0], [0.0]), t([0.0], [2.0])
+    loss, metrics = REWARD_MODEL_LOSSES.get("bt")(chosen, rejected, None, margin=0.5, tau=0.1)
+    expected, _ = bt(chosen[:, 0], rejected[:, 0], margin=0.5)
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(ValueError, match="no prompt gate"):
+        REWARD_MODEL_LOSSES.get("bt")(chosen, rejected, t([1.0]), margin=0.0, tau=0.1)
 
 
 def test_each_self_play_loss_names_its_target_and_unknown_names_fail_listing_them():
     from posttrain.errors import ConfigError
 
     assert self_play_targets("gpo") is mean_preference_scores and self_play_targets("sppo") is mean_win_probabilities
-    with pytest.raises(ConfigError, match="not a self-play loss; known: gpo, sppo"):
+    with pytest.raises(
+        ConfigError,
+        match="algo.loss=.dpo.: .dpo. is a preference-pair loss, not a self-play loss; the self-play losses are: gpo",
+    ):
         self_play_targets("dpo")
 
 

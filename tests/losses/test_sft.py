@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from posttrain.losses import get_loss
+from posttrain.losses.sft import sft_loss
 
 
 def test_token_mean_divides_by_step_tokens():
@@ -12,10 +12,10 @@ def test_token_mean_divides_by_step_tokens():
     mean over ranks gives back the step's token mean."""
     logprobs = torch.tensor([[-1.0, -2.0, -3.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0]])
-    loss, parts = get_loss("sft")(logprobs, mask, step_target_tokens=6)
+    loss, parts = sft_loss(logprobs, mask, step_target_tokens=6)
     assert loss.item() == pytest.approx(0.5)
     assert parts["nll_sum"].item() == pytest.approx(3.0)
-    loss2, _ = get_loss("sft")(logprobs, mask, step_target_tokens=6, world_size=2)
+    loss2, _ = sft_loss(logprobs, mask, step_target_tokens=6, world_size=2)
     assert loss2.item() == pytest.approx(1.0)
 
 
@@ -23,7 +23,7 @@ def test_sum_reduction_is_the_summed_nll():
     """Same tokens, reduction=sum: loss = 1 + 2 = 3 regardless of the step's token count."""
     logprobs = torch.tensor([[-1.0, -2.0, -3.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0]])
-    loss, _ = get_loss("sft")(logprobs, mask, step_target_tokens=100, reduction="sum")
+    loss, _ = sft_loss(logprobs, mask, step_target_tokens=100, reduction="sum")
     assert loss.item() == pytest.approx(3.0)
 
 
@@ -34,11 +34,11 @@ def test_micro_batch_split_gives_the_same_gradient():
     logits = torch.randn(2, 5, requires_grad=True)
     mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
     step_tokens = int(mask.sum())
-    whole, _ = get_loss("sft")(torch.log_softmax(logits, -1), mask, step_target_tokens=step_tokens)
+    whole, _ = sft_loss(torch.log_softmax(logits, -1), mask, step_target_tokens=step_tokens)
     (whole_grad,) = torch.autograd.grad(whole, logits)
     split_grad = torch.zeros_like(logits)
     for row in range(2):
-        part, _ = get_loss("sft")(
+        part, _ = sft_loss(
             torch.log_softmax(logits, -1)[row : row + 1], mask[row : row + 1], step_target_tokens=step_tokens
         )
         split_grad += torch.autograd.grad(part, logits)[0]
@@ -53,11 +53,4 @@ def test_micro_batch_split_gives_the_same_gradient():
 
 def test_unknown_reduction_names_the_known_ones():
     with pytest.raises(ValueError, match="token_mean, sum"):
-        get_loss("sft")(torch.zeros(1, 1), torch.ones(1, 1), step_target_tokens=1, reduction="mean")
-
-
-def test_unknown_loss_lists_known_losses():
-    from posttrain.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="sft"):
-        get_loss("no_such_loss")
+        sft_loss(torch.zeros(1, 1), torch.ones(1, 1), step_target_tokens=1, reduction="mean")

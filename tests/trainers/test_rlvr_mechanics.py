@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from posttrain.data.chat import IGNORE_INDEX, TokenizedExample, render_ids
-from posttrain.losses import get_loss
+from posttrain.losses import POLICY_LOSSES
 from posttrain.losses.policy import group_advantages
 from posttrain.models.logprob_model import CausalLMWithLogprobs
 from posttrain.rollout.completion import Completion
@@ -57,7 +57,9 @@ def test_chunked_accumulation_equals_one_pass(aggregation, tiny_model, tiny_toke
     def loss_of(part):
         logprobs, _, mask = response_logprobs(module, part)
         rows = torch.stack([old[index[id(s)]] for s in part])[:, : mask.shape[1]]
-        loss, _ = get_loss("grpo")(logprobs, rows * mask, torch.tensor([s.advantage for s in part]), mask, **kwargs)
+        loss, _ = POLICY_LOSSES.get("grpo")(
+            logprobs, rows * mask, torch.tensor([s.advantage for s in part]), mask, **kwargs
+        )
         return loss, float(mask.sum())
 
     module.zero_grad()
@@ -88,7 +90,7 @@ def test_detached_own_logprobs_give_the_recomputed_old_logprobs_gradient(
     for old in (recomputed, None):
         module.zero_grad()
         logprobs, _, mask = response_logprobs(module, sequences)
-        loss, parts = get_loss("grpo")(
+        loss, parts = POLICY_LOSSES.get("grpo")(
             logprobs, old_logprob_rows(old, sequences, logprobs, mask), advantages, mask, **kwargs
         )
         loss.backward()

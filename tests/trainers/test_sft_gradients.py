@@ -4,7 +4,7 @@ import torch
 
 from posttrain.data.batching import StepPlan, collate, count_target_tokens
 from posttrain.data.chat import IGNORE_INDEX, tokenize_conversation
-from posttrain.losses import get_loss
+from posttrain.losses.sft import sft_loss
 from posttrain.models.logprob_model import CausalLMWithLogprobs
 
 
@@ -15,7 +15,7 @@ def accumulated_gradients(module, examples, plan, packing, pad_token_id, reducti
         batch = collate([examples[i] for i in indices], packing, pad_token_id)
         targets = batch.pop("targets")
         logprobs, _ = module(targets=targets, **batch)
-        loss, _ = get_loss("sft")(
+        loss, _ = sft_loss(
             logprobs, (targets != IGNORE_INDEX).float(), step_target_tokens=step_tokens, reduction=reduction
         )
         loss.backward()
