@@ -20,7 +20,7 @@ import json
 import random
 from pathlib import Path
 
-from data_recipes import register_task
+from posttrain.data.generators import register_task
 
 HELD_OUT_BUCKETS = 10  # 1 in 10 questions belongs to the held-out split
 

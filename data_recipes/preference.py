@@ -32,8 +32,8 @@ import json
 import random
 from pathlib import Path
 
-from data_recipes import register_task
 from data_recipes.arithmetic import _is_held_out, make_problem
+from posttrain.data.generators import register_task
 
 # Each game lists its moves in cycle order: every move beats the next one, the last beats the first.
 CYCLIC_GAMES = {

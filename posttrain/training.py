@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from posttrain.data.batching import StepPlan
+from posttrain.data.loading import load_rows
 from posttrain.data.preference import PairBatch, build_preference_examples, preference_texts, sequence_logprob_sums
-from posttrain.data.sources import load_rows
 from posttrain.models.loading import load_tokenizer
 
 

@@ -97,8 +97,8 @@ def test_bad_rows_can_be_skipped_and_counted(tmp_path):
     data_file = write_jsonl(
         tmp_path / "train.jsonl", [GOOD] * 16 + [{"text": "x"}, {"messages": [{"role": "user", "content": "q"}]}]
     )
+    from posttrain.data.loading import load_rows
     from posttrain.data.sft import build_sft_examples
-    from posttrain.data.sources import load_rows
     from posttrain.models.tokenizer import train_tokenizer
 
     cfg = compose_config(

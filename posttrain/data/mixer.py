@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from posttrain.data.generators import generate_task
 from posttrain.data.sources import SourceRow, read_file, read_hub
 from posttrain.errors import ConfigError, DataError
 
@@ -155,8 +156,6 @@ def read_mixture_source(source: MixtureSource, seed: int) -> list[SourceRow]:
     elif source.kind == "hub":
         rows = read_hub(source.location, source.split)
     else:
-        from data_recipes import generate_task
-
         size = source.count if source.count is not None else source.num_examples
         try:
             generated = generate_task(source.location, source.split, size, seed, **source.generator_kwargs)

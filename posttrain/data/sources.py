@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posttrain.errors import ConfigError, DataError
+from posttrain.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -77,37 +77,3 @@ def read_hub(name: str, split: str = "train", config_name: str | None = None) ->
 
     table = datasets.load_dataset(name, config_name, split=split)
     return [SourceRow(name, i, row) for i, row in enumerate(table, start=1)]
-
-
-def load_rows(data_cfg, split: str) -> list[SourceRow]:
-    """All rows of `split` ("train" or "eval") as configured by `data_cfg`.
-
-    Training rows come from `data.mixture` (see posttrain/data/mixer.py), else `data.train_files`,
-    else `data.generator`; eval rows from `data.eval_files`, else the generator's held-out split.
-    """
-    mixture = getattr(data_cfg, "mixture", None)
-    if split == "train" and mixture:
-        if data_cfg.train_files:
-            raise ConfigError(
-                "set data.mixture or data.train_files, not both (a file can be a mixture source: "
-                "{file: ..., fraction: 1.0})"
-            )
-        from posttrain.data.mixer import mix_sources
-
-        return mix_sources(mixture, data_cfg.seed)
-    files = data_cfg.train_files if split == "train" else data_cfg.eval_files
-    if files:
-        rows = [row for name in files for row in read_source(name, split)]
-        if not rows:
-            raise DataError(f"the {split} data ({', '.join(files)}) holds no rows")
-        return rows
-    if split == "train" and not data_cfg.generator:
-        raise ConfigError("no training data: set data.train_files=[...] or data.generator=<task>")
-    if not data_cfg.generator:
-        return []
-    from data_recipes import generate_task
-
-    count = data_cfg.num_train if split == "train" else data_cfg.num_eval
-    generated = generate_task(data_cfg.generator, split, count, data_cfg.seed, **dict(data_cfg.generator_kwargs))
-    source = f"generator:{data_cfg.generator}/{split}"
-    return [SourceRow(source, i, row) for i, row in enumerate(generated, start=1)]

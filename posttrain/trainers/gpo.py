@@ -28,9 +28,9 @@ from omegaconf import OmegaConf
 
 from posttrain.data.batching import StepPlan
 from posttrain.data.chat import IGNORE_INDEX, TokenizedExample
+from posttrain.data.loading import load_rows
 from posttrain.data.preference import PairBatch, PreferenceExample, collate_pairs, sequence_logprob_sums
 from posttrain.data.prompts import PromptRow, build_prompt_rows
-from posttrain.data.sources import load_rows
 from posttrain.engine import backend
 from posttrain.engine.checkpoint import load_checkpoint, save_checkpoint
 from posttrain.engine.distributed import all_reduce_sum, init_distributed, rank, world_size

@@ -18,8 +18,8 @@ import torch
 
 from posttrain.data.batching import StepPlan, collate_packed
 from posttrain.data.chat import IGNORE_INDEX, TokenizedExample
+from posttrain.data.loading import load_rows
 from posttrain.data.prompts import PromptRow, build_prompt_rows
-from posttrain.data.sources import load_rows
 from posttrain.engine import backend
 from posttrain.engine.checkpoint import load_checkpoint, save_checkpoint
 from posttrain.engine.distributed import all_reduce_sum, init_distributed, rank, world_size

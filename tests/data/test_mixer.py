@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from posttrain.config import DataConfig
+from posttrain.data.loading import load_rows
 from posttrain.data.mixer import PROVENANCE_COLUMN, mix_sources, sample_indices
-from posttrain.data.sources import load_rows
 from posttrain.errors import ConfigError, DataError
 
 

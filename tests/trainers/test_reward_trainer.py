@@ -26,8 +26,8 @@ def test_saved_reward_model_reloads_with_the_same_held_out_accuracy(tmp_path):
     import torch
 
     from posttrain.config import DataConfig
+    from posttrain.data.loading import load_rows
     from posttrain.data.preference import build_preference_examples
-    from posttrain.data.sources import load_rows
     from posttrain.models.reward import load_reward_model, score_pairs
 
     overrides = [
