@@ -21,6 +21,7 @@ Verifiers run under posttrain.rewards.reward.run_verifier (errors and timeouts s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ import torch
 from evals.answers import answer_extractor
 from evals.metrics import default_ks, majority_vote, pass_at_k
 from evals.tasks import EvalTask, load_task
+from posttrain.config import EvalSamplingConfig
 from posttrain.errors import ConfigError
 from posttrain.logging import setup_console_logging
 from posttrain.rewards import VERIFIERS
@@ -241,22 +243,33 @@ def format_table(results: dict) -> str:
     return "\n".join([lines[0], "  ".join("-" * width for width in widths), *lines[1:]])
 
 
+SAMPLING_HELP = {
+    "samples": "samples per prompt besides the greedy one, for pass@k and maj@n (0: greedy only)",
+    "temperature": "temperature of the samples",
+    "top_p": "nucleus of the samples",
+    "max_tokens": "new tokens per completion",
+    "seed": "sampling seed",
+}
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per field of the eval-sampling schema (posttrain.config.EvalSamplingConfig), with its default:
+    the same settings an in-run eval or the pipeline's evals take as eval.* / algo.eval.sampling.*."""
+    for spec in dataclasses.fields(EvalSamplingConfig):
+        flag = "--" + spec.name.replace("_", "-")
+        parser.add_argument(flag, type=type(spec.default), default=spec.default, help=SAMPLING_HELP.get(spec.name))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="posttrain eval", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, type=Path, help="a Hugging Face model directory, e.g. runs/sft/final")
     parser.add_argument("--task", action="append", help="KIND or KIND=DATA (repeat); default: arithmetic")
     parser.add_argument("--num", type=int, default=100, help="prompts per task (0: all rows of a file)")
-    parser.add_argument(
-        "--samples", type=int, default=8, help="samples per prompt for pass@k and maj@n (0: greedy only)"
-    )
+    add_sampling_flags(parser)
     parser.add_argument("--k", type=int, action="append", help="a k for pass@k (repeat); default 1, 2, 4, ... samples")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument(
         "--max-model-len", type=int, help=f"default: min({DEFAULT_MAX_MODEL_LEN}, the model's max positions)"
     )
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--verifier-timeout", type=float, default=DEFAULT_VERIFIER_TIMEOUT_S, help="seconds per verification"
     )

@@ -35,14 +35,14 @@ def run(cfg) -> Path | None:
 
     from posttrain.errors import PosttrainError
     from posttrain.logging import log, setup_console_logging
-    from posttrain.trainers import trainer_module
+    from posttrain.training import run_algorithm
 
     setup_console_logging()
     if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
         with open_dict(cfg):
             cfg.run_dir = HydraConfig.get().runtime.output_dir  # one run dir per sweep job
     try:
-        return trainer_module(cfg.algo.name).main(cfg)
+        return run_algorithm(cfg)
     except PosttrainError as error:
         log.error("error: %s", error)
         sys.exit(2)

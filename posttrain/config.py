@@ -122,7 +122,8 @@ class TrainConfig:
     max_steps: int = -1  # optimizer steps; -1 runs the epochs
     micro_batch_size: int = 8  # examples per micro-batch per rank (packed into one row when data.packing)
     gradient_accumulation_steps: int = 1
-    eval_every: int = 0  # optimizer steps; 0 evaluates only at the end
+    eval_every: int = 0  # optimizer steps between held-out evaluations (0: only at the start and the end)
+    eval_at_start: bool = True  # evaluate before the first step (the baseline of every eval curve)
 
 
 @dataclass
@@ -132,136 +133,44 @@ class CheckpointConfig:
 
 
 @dataclass
-class SFTAlgoConfig:
-    name: str = "sft"
-    # token_mean: sum of token losses / number of target tokens in the whole optimizer step, so the
-    # micro-batch size never changes the gradient. sum: summed token losses (Tülu 3's published lr).
-    loss_reduction: str = "token_mean"
+class EvalSamplingConfig:
+    """How held-out prompts are sampled, the same for every in-run eval (RLVR, GPO), the pipeline's evals and
+    `posttrain eval`: greedy always, and with `samples` > 0 also that many samples per prompt at
+    `temperature` / `top_p` (sampled accuracy, pass@k, maj@n)."""
 
-
-@dataclass
-class ReferenceConfig:
-    """The frozen reference policy of the DPO family (unused by reference-free losses such as simpo)."""
-
-    path: str | None = None  # reference model; null: the policy's starting point (model.path / the tiny init)
-    cache: bool = True  # compute its log-probs once before training, on disk; false keeps a live reference model
-    cache_dir: str | None = None  # null: $POSTTRAIN_CACHE_DIR/reference_logps or ~/.cache/posttrain/reference_logps
-    micro_batch_size: int = 16  # pairs per forward while precomputing
-
-
-@dataclass
-class DPOAlgoConfig:
-    name: str = "dpo"
-    loss: str = "dpo"  # a registered DPO-family loss: dpo | dpo_norm | simpo | ipo | hinge | wpo
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    loss_kwargs: dict[str, Any] = field(default_factory=dict)  # loss-specific, e.g. {gamma_beta_ratio: 0.3} for simpo
-    # RPO (Pang et al. 2024): + nll_alpha * the chosen response's length-normalised NLL, which keeps the
-    # chosen likelihood from falling with the rejected one; 0 = the plain loss (TRL's rpo_alpha)
-    nll_alpha: float = 0.0
-    # Step-DPO (Lai et al. 2024): score only the first step where chosen and rejected differ, a step ending
-    # with this text ("\n": one line); null scores the whole responses
-    step_separator: str | None = None
-    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
-
-
-@dataclass
-class RewardAlgoConfig:
-    """Reward model: Bradley-Terry (head=bt, a scalar) or the General Preference Model (head=gpm)."""
-
-    name: str = "rm"
-    head: str = "bt"  # bt | gpm
-    embed_dim: int = 8  # gpm: 2k, the preference embedding size (even)
-    normalize: bool = True  # gpm: L2-normalise the embedding
-    prompt_gate: bool = False  # gpm: lambda(x) = softmax(W_p h_prompt) scales the k blocks
-    tau: float = 0.1  # gpm: P(y_i > y_j) = sigma(s / tau)
-    margin: float = 0.0  # bt and gpm: loss on (score - margin)
-
-
-@dataclass
-class RLVRAlgoConfig:
-    """GRPO-family RL with verifiable rewards (REFERENCE.md section 4). One step = one rollout batch."""
-
-    name: str = "rlvr"
-    prompts_per_step: int = 16  # prompts sampled per rollout step, over all ranks
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n=8, temperature=1.0, max_tokens=64))
-    advantage: str = "standard"  # standard: (r - mean) / (std + eps) | centered: r - mean
-    drop_zero_variance_groups: bool = True
-    clip_low: float = 0.2
-    clip_high: float = 0.28  # DAPO clip-higher
-    kl_beta: float = 0.0  # > 0 keeps a frozen reference policy
-    kl_estimator: str = "k3"  # k1 | k2 | k3
-    entropy_coef: float = 0.0
-    aggregation: str = "token_mean"  # token_mean | sequence_mean | sum_constant (Dr. GRPO)
-    epochs_per_batch: int = 1  # passes over each rollout batch (PPO epochs)
-    minibatches_per_epoch: int = 1  # optimizer steps per pass
-    verification_reward: float = 10.0  # Tülu 3: 10 for a verified answer
-    nonstop_penalty: float = 0.0  # added when a completion hits max_tokens without stopping (Tülu 3: -10)
-    verifier_timeout_s: float = 3.0
-    reference_refresh_every: int = 0  # rollout steps between copying the policy into the reference (0: never)
-    eval_every: int = 0  # rollout steps between held-out evaluations (0: only before and after)
-    eval_max_tokens: int = 64
-    eval_temperature: float = 0.0  # 0: greedy; else pass@1 estimated from eval_samples_per_prompt samples
-    eval_samples_per_prompt: int = 1
-
-
-@dataclass
-class PipelineStageConfig:
-    name: str = MISSING  # also the stage's run dir: <run_dir>/<name>
-    overrides: list[str] = field(default_factory=list)  # the stage's `posttrain` overrides (algo=..., recipes, ...)
-
-
-@dataclass
-class PipelineEvalConfig:
-    """`posttrain eval` after every stage (evals/runner.py)."""
-
-    tasks: list[str] = field(default_factory=lambda: ["arithmetic"])
-    num: int = 200  # prompts per task
-    samples: int = 4  # samples per prompt (pass@k, maj@n); 0: greedy only
-    temperature: float = 1.0
-    max_tokens: int = 64
-    backend: str = "vllm"
+    samples: int = 0  # samples per prompt besides the greedy one (0: greedy only)
+    temperature: float = 1.0  # for the samples (> 0)
+    top_p: float = 1.0
+    max_tokens: int = 256  # new tokens per completion, greedy and sampled
     seed: int = 0
 
 
-@dataclass
-class PipelineAlgoConfig:
-    """Stages run in order, each from the previous stage's final/ (posttrain/pipeline.py)."""
-
-    name: str = "pipeline"
-    stages: list[PipelineStageConfig] = field(default_factory=list)
-    initial_model: str | None = None  # the first stage's model.path (null: the stage's own model config)
-    eval_initial: bool = False  # also evaluate initial_model before the first stage
-    launcher: list[str] = field(default_factory=list)  # e.g. [torchrun, --nproc_per_node=8]; empty: this Python
-    eval: PipelineEvalConfig = field(default_factory=PipelineEvalConfig)
-    plot_metric: str = "arithmetic/pass@1"  # the eval metric drawn per stage in pipeline.png
-
-
-@dataclass
-class GPOAlgoConfig:
-    """GPO / SPPO: iterative self-play against a trained preference model (REFERENCE.md section 3).
-
-    One iteration = sample K = sampling.n responses per prompt from the current policy, score all pairs,
-    regress the (best, worst) pair's log-ratios against the previous iterate onto the targets, sync weights.
-    """
-
-    name: str = "gpo"
-    loss: str = "gpo"  # gpo: targets s_hat = mean GPM score / tau | sppo: mean win probability sigma(s / tau)
-    reward_model: str | None = None  # required: a reward-model dir (final/ of an algo=rm run; gpm or bt head)
-    beta: float = 0.001  # log-ratio target = s_hat / beta (gpo) or (P_hat - 1/2) / beta (sppo)
-    tau: float | None = None  # null: the reward model's own tau (reward_head.json)
-    iterations: int = 3
-    prompts_per_iteration: int = 64  # over all ranks; one (best, worst) pair each
-    epochs_per_iteration: int = 1  # passes over the iteration's pairs (train.micro_batch_size pairs per micro-batch)
-    sampling: SamplingConfig = field(
-        default_factory=lambda: SamplingConfig(n=5, temperature=0.7, top_p=0.9, max_tokens=256)
+def sampled_eval_request(eval_cfg, n: int | None = None, seed: int | None = None) -> SamplingConfig:
+    """The request for the eval samples of `eval_cfg` (an EvalSamplingConfig or its DictConfig); `n` overrides
+    `samples`, `seed` the configured seed."""
+    return SamplingConfig(
+        n=eval_cfg.samples if n is None else n,
+        temperature=eval_cfg.temperature,
+        top_p=eval_cfg.top_p,
+        max_tokens=eval_cfg.max_tokens,
+        seed=eval_cfg.seed if seed is None else seed,
     )
-    eval_prompts: int = 64  # held-out prompts (data eval split) for the score against the initial policy's samples
-    eval_samples_per_prompt: int = 4  # samples per eval prompt, from the initial and from the current policy
-    check_sync: bool = (
-        True  # log the gap between the engine's sample log-probs and the trainer's (top_p=1, top_k=0 only)
-    )
-    scoring_batch_size: int = 64  # sequences per reward-model forward
+
+
+def greedy_eval_request(eval_cfg) -> SamplingConfig:
+    return SamplingConfig(n=1, temperature=0.0, max_tokens=eval_cfg.max_tokens)
+
+
+def eval_sampling_problems(eval_cfg, key: str = "eval") -> list[str]:
+    checks = {
+        f"{key}.samples={eval_cfg.samples} must be >= 0 (0: greedy only)": eval_cfg.samples < 0,
+        f"{key}.temperature={eval_cfg.temperature} must be > 0 for sampled evals": (
+            eval_cfg.samples > 0 and eval_cfg.temperature <= 0
+        ),
+        f"{key}.top_p={eval_cfg.top_p} must be in (0, 1]": not 0 < eval_cfg.top_p <= 1,
+        f"{key}.max_tokens={eval_cfg.max_tokens} must be >= 1": eval_cfg.max_tokens < 1,
+    }
+    return [problem for problem, failed in checks.items() if failed]
 
 
 @dataclass
@@ -276,24 +185,18 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    eval: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)
     run_dir: str = MISSING
     seed: int = 0
     resume: str = "auto"  # auto: continue from the newest checkpoint in run_dir if any | never
 
 
-ALGO_SCHEMAS: dict[str, type] = {
-    "sft": SFTAlgoConfig,
-    "dpo": DPOAlgoConfig,
-    "rm": RewardAlgoConfig,
-    "rlvr": RLVRAlgoConfig,
-    "gpo": GPOAlgoConfig,
-    "pipeline": PipelineAlgoConfig,
-}
-
-
 def register_configs() -> None:
-    """Put the schemas in Hydra's ConfigStore (idempotent)."""
+    """Put the schemas in Hydra's ConfigStore (idempotent): the top-level one and each algorithm's own."""
+    from posttrain.trainers import load_algorithms
+
     store = ConfigStore.instance()
     store.store(name="posttrain_schema", node=Config)
-    for name, schema in ALGO_SCHEMAS.items():
-        store.store(group="algo", name=f"{name}_schema", node=schema)
+    algorithms = load_algorithms()
+    for name in algorithms.names():
+        store.store(group="algo", name=f"{name}_schema", node=algorithms.get(name).schema)

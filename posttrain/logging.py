@@ -31,11 +31,17 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _truncate_after(path: Path, step: int) -> None:
-    """Drop records of steps after `step` (work a resumed run is about to redo), atomically."""
+def _keep_rows_before(path: Path, start_step: int) -> None:
+    """Drop the records a run resumed at `start_step` logs again, atomically: every record of a run restarted
+    from step 0 (its step-0 eval included), else those of steps after `start_step` (the record of step
+    `start_step` itself was logged before its checkpoint was written, and that step is not redone)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and start_step > 0 and json.loads(line).get("step", 0) <= start_step
+    ]
     staging = path.with_suffix(".jsonl.tmp")
     staging.write_text("".join(line + "\n" for line in kept))
     os.replace(staging, path)
@@ -43,6 +49,7 @@ def _truncate_after(path: Path, step: int) -> None:
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, logger_cfg, config: dict, total_steps: int, start_step: int = 0):
+        """`config`: the run's resolved config, handed to wandb as the run's config (its hyperparameters)."""
         self.enabled = is_main_process()
         self.path = Path(run_dir) / "metrics.jsonl"
         self.cfg = logger_cfg
@@ -50,7 +57,7 @@ class MetricsLogger:
         self.wandb_run = None
         if not self.enabled:
             return
-        _truncate_after(self.path, start_step)
+        _keep_rows_before(self.path, start_step)
         if logger_cfg.progress_bar:
             from tqdm.auto import tqdm
 
@@ -88,6 +95,11 @@ class MetricsLogger:
             self.progress.set_postfix(
                 {k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "lr", "reward_mean", "accuracy")}
             )
+
+    def log_if_any(self, step: int, metrics: dict[str, float]) -> None:
+        """`log` unless `metrics` is empty (an algorithm with nothing to evaluate)."""
+        if metrics:
+            self.log(step, metrics)
 
     def close(self) -> None:
         if self.progress is not None:

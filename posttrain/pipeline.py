@@ -18,22 +18,45 @@ import logging
 import os
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
+from posttrain.config import EvalSamplingConfig, eval_sampling_problems
 from posttrain.errors import ConfigError, PosttrainError
+from posttrain.trainers import ALGORITHMS, register_algo
 
 log = logging.getLogger("posttrain")
 
-# Curves plotted per stage: the metric each algorithm exists to move, first one present wins.
-STAGE_CURVES = {
-    "sft": ("loss",),
-    "dpo": ("rewards/accuracy", "loss"),
-    "rm": ("accuracy", "loss"),
-    "rlvr": ("reward_mean",),
-    "gpo": ("score_vs_initial", "loss"),
-}
+
+@dataclass
+class PipelineStageConfig:
+    name: str = MISSING  # also the stage's run dir: <run_dir>/<name>
+    overrides: list[str] = field(default_factory=list)  # the stage's `posttrain` overrides (algo=..., recipes, ...)
+
+
+@dataclass
+class PipelineEvalConfig:
+    """`posttrain eval` after every stage (evals/runner.py): which tasks, how many prompts, and how to sample."""
+
+    tasks: list[str] = field(default_factory=lambda: ["arithmetic"])
+    num: int = 200  # prompts per task
+    backend: str = "vllm"
+    sampling: EvalSamplingConfig = field(default_factory=lambda: EvalSamplingConfig(samples=4, max_tokens=64))
+
+
+@dataclass
+class PipelineAlgoConfig:
+    """Stages run in order, each from the previous stage's final/."""
+
+    name: str = "pipeline"
+    stages: list[PipelineStageConfig] = field(default_factory=list)
+    initial_model: str | None = None  # the first stage's model.path (null: the stage's own model config)
+    eval_initial: bool = False  # also evaluate initial_model before the first stage
+    launcher: list[str] = field(default_factory=list)  # e.g. [torchrun, --nproc_per_node=8]; empty: this Python
+    eval: PipelineEvalConfig = field(default_factory=PipelineEvalConfig)
+    plot_metric: str = "arithmetic/greedy_accuracy"  # the eval metric drawn per stage in pipeline.png
 
 
 class StageFailed(PosttrainError):
@@ -48,6 +71,9 @@ def stage_algo(stage_dir: Path) -> str:
 
 def check_config(cfg) -> None:
     algo = cfg.algo
+    problems = eval_sampling_problems(algo.eval.sampling, "algo.eval.sampling")
+    if problems:
+        raise ConfigError("; ".join(problems))
     if not algo.stages:
         raise ConfigError("algo.stages is empty: list the stages, e.g. [{name: sft, overrides: [algo=sft]}, ...]")
     names = [stage.name for stage in algo.stages]
@@ -79,28 +105,14 @@ def run_logged(command: list[str], log_path: Path, what: str) -> None:
 
 
 def eval_arguments(eval_cfg, model_dir: Path, out: Path) -> list[str]:
-    arguments = [
-        "eval",
-        "--model",
-        str(model_dir),
-        "--num",
-        str(eval_cfg.num),
-        "--samples",
-        str(eval_cfg.samples),
-        "--temperature",
-        str(eval_cfg.temperature),
-        "--max-tokens",
-        str(eval_cfg.max_tokens),
-        "--backend",
-        eval_cfg.backend,
-        "--seed",
-        str(eval_cfg.seed),
-        "--out",
-        str(out),
-    ]
+    """`posttrain eval` arguments: the model, tasks, prompts and backend, and every field of the sampling schema
+    as its flag (--samples, --temperature, --top-p, --max-tokens, --seed)."""
+    arguments = ["eval", "--model", str(model_dir), "--num", str(eval_cfg.num), "--backend", eval_cfg.backend]
+    for name, value in OmegaConf.to_container(eval_cfg.sampling).items():
+        arguments += [f"--{name.replace('_', '-')}", str(value)]
     for task in eval_cfg.tasks:
         arguments += ["--task", task]
-    return arguments
+    return arguments + ["--out", str(out)]
 
 
 def run_stage(cfg, stage, model_path: str | None, root: Path) -> Path:
@@ -171,14 +183,9 @@ def plot(root: Path, stages: list, rows: list[tuple[str, dict[str, float]]], met
     figure, axes = plt.subplots(1, len(stages) + 1, figsize=(4 * (len(stages) + 1), 3.2))
     for axis, stage in zip(axes, stages):
         records = read_metrics(root / stage.name)
-        name = next(
-            (
-                key
-                for key in STAGE_CURVES.get(stage_algo(root / stage.name), ("loss",))
-                if any(key in r for r in records)
-            ),
-            "loss",
-        )
+        algorithm = stage_algo(root / stage.name)
+        curve = ALGORITHMS.get(algorithm).curve if algorithm in ALGORITHMS else ("loss",)
+        name = next((key for key in curve if any(key in r for r in records)), "loss")
         points = [(r["step"], r[name]) for r in records if name in r]
         if points:
             axis.plot(*zip(*points))
@@ -195,6 +202,7 @@ def plot(root: Path, stages: list, rows: list[tuple[str, dict[str, float]]], met
     return path
 
 
+@register_algo("pipeline", schema=PipelineAlgoConfig)
 def main(cfg) -> Path:
     from posttrain.run_dir import write_config
 

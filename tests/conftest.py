@@ -12,6 +12,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 import pytest  # noqa: E402
 from helpers import compose_config  # noqa: E402,F401  (kept importable from conftest for fixtures)
 
+from posttrain.training import run_algorithm
+
 
 @pytest.fixture(scope="session")
 def arithmetic_rows():
@@ -45,8 +47,7 @@ NOISY_SFT = ["train.epochs=2", "train.max_steps=500", "+data.generator_kwargs.no
 @pytest.fixture(scope="session")
 def noisy_sft_model(tmp_path_factory):
     """final/ of a tiny-model SFT run on carry-forgetting demonstrations."""
-    from posttrain.trainers import sft
 
     run_dir = tmp_path_factory.mktemp("noisy_sft")
     cfg = compose_config([f"run_dir={run_dir}", *NOISY_SFT, "logger.progress_bar=false", "data.num_eval=0"])
-    return sft.main(cfg) / "final"
+    return run_algorithm(cfg) / "final"

@@ -50,3 +50,37 @@ def compose_config(overrides: list[str]):
     register_configs()
     with initialize_config_dir(str(CONF_DIR), version_base=None):
         return compose("config", overrides=overrides)
+
+
+def wandb_offline_config(run_dir: Path) -> dict:
+    """The config recorded in the newest offline wandb run under `run_dir`, read back from its `.wandb` file.
+
+    The file is a LevelDB-style log (a 7-byte ":W&B" header, then 32 KiB blocks of records with a 7-byte header:
+    crc32c, length, type FULL=1 / FIRST=2 / MIDDLE=3 / LAST=4) of wandb's protobuf `Record`s; config values
+    arrive as JSON in the run record and in config records."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    path = sorted(Path(run_dir).rglob("offline-run-*/run-*.wandb"))[-1]
+    data, block, position, pieces, records = path.read_bytes(), 32768, 7, b"", []
+    while position + 7 <= len(data):
+        left = block - position % block
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7]) if left >= 7 else (0, 0, 0)
+        if left < 7 or (kind == 0 and length == 0):  # block trailer or padding
+            position += left
+            continue
+        chunk = data[position + 7 : position + 7 + length]
+        position += 7 + length
+        pieces = chunk if kind in (1, 2) else pieces + chunk
+        if kind in (1, 4):
+            records.append(pieces)
+    config = {}
+    for raw in records:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        kind = record.WhichOneof("record_type")
+        updates = record.config.update if kind == "config" else record.run.config.update if kind == "run" else []
+        config.update({item.key: json.loads(item.value_json) for item in updates})
+    return config

@@ -100,3 +100,15 @@ def collate(examples: list[TokenizedExample], packing: bool, pad_token_id: int) 
 
 def count_target_tokens(examples: list[TokenizedExample]) -> int:
     return sum(example.num_target_tokens for example in examples)
+
+
+def split_evenly(items: list, parts: int) -> list[list]:
+    """`items` split into exactly `parts` contiguous, near-equal chunks (the first ones one longer; some may be
+    empty when there are fewer items than parts)."""
+    size, extra = divmod(len(items), parts)
+    out, start = [], 0
+    for index in range(parts):
+        end = start + size + (index < extra)
+        out.append(items[start:end])
+        start = end
+    return out

@@ -292,14 +292,3 @@ def collate_pairs(pairs: list[PreferenceExample], packing: bool, pad_token_id: i
         segment_ids = torch.arange(count)[:, None].expand_as(inputs["input_ids"])
     response_lengths = torch.tensor([float(sequence.num_target_tokens) for sequence in sequences])
     return PairBatch(inputs, segment_ids, starts + lengths - 1, starts + prompt_lengths - 1, response_lengths)
-
-
-def sequence_logprob_sums(token_logprobs, targets, segment_ids, num_sequences: int):
-    """Per-sequence SUM of the target-token log-probs: [num_sequences] float32 (differentiable).
-
-    token_logprobs, targets, segment_ids share one shape ([1, N] packed or [S, T] padded); tokens whose
-    target is IGNORE_INDEX (prompt, padding, the last token) contribute nothing.
-    """
-    mask = targets != IGNORE_INDEX
-    sums = torch.zeros(num_sequences, dtype=torch.float32, device=token_logprobs.device)
-    return sums.index_add(0, segment_ids[mask], token_logprobs[mask].float())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,4 +49,15 @@ def build_prompt_rows(
         prompts.append(PromptRow(messages, verifier, ground_truth, where))
     if not prompts:
         raise DataError("the prompt dataset is empty")
+    return prompts
+
+
+def unique_prompt_rows(rows: list[SourceRow]) -> list[PromptRow]:
+    """Prompt rows without verifiers, repeated prompts dropped (preference data repeats a prompt per pair)."""
+    seen, prompts = set(), []
+    for prompt in build_prompt_rows(rows, need_verifier=False):
+        key = json.dumps(prompt.prompt, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            prompts.append(prompt)
     return prompts

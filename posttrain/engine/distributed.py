@@ -54,11 +54,20 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(values: list[float]) -> list[float]:
-    """Element-wise sum of `values` over ranks (float64, on CPU for gloo or the current device)."""
+def _all_reduce(values: list[float], op) -> list[float]:
     if world_size() == 1:
         return list(values)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
+    dist.all_reduce(tensor, op=op)
     return tensor.tolist()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Element-wise sum of `values` over ranks (float64, on CPU for gloo or the current device)."""
+    return _all_reduce(values, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(values: list[float]) -> list[float]:
+    """Element-wise max of `values` over ranks: e.g. every rank agreeing on the most forwards any rank needs."""
+    return _all_reduce(values, dist.ReduceOp.MAX)

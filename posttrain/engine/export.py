@@ -67,13 +67,3 @@ def export_hf(policy: nn.Module, tokenizer, out_dir: Path, zero_stage: int) -> N
             shutil.rmtree(out_dir)
         os.rename(staging, out_dir)
     barrier()
-
-
-def rollout_model_dir(cfg, run_dir: Path, policy: nn.Module, tokenizer) -> str:
-    """Where a rollout engine loads its first weights: `model.path`, else the initial policy exported to
-    `<run_dir>/rollout_init` (a model built from config has no directory of its own)."""
-    if cfg.model.path:
-        return cfg.model.path
-    init_dir = run_dir / "rollout_init"
-    export_hf(policy, tokenizer, init_dir, cfg.deepspeed.zero_stage)
-    return str(init_dir)

@@ -138,7 +138,7 @@ def compute_reference_logprobs(
     model, examples: list[PreferenceExample], micro_batch_size: int, packing: bool, pad_token_id: int, device
 ) -> ReferenceLogprobs:
     """Sums for every pair: this rank scores pairs rank, rank + world, ...; the shards are gathered."""
-    from posttrain.training import pair_logprob_sums
+    from posttrain.models.logprobs import pair_logprob_sums
 
     mine = list(range(rank(), len(examples), world_size()))
     chosen, rejected = [], []

@@ -111,6 +111,25 @@ def aggregate_token_losses(
     return masked.sum() / constant_normalizer
 
 
+def chunk_loss_weight(
+    aggregation: str,
+    chunk_sequences: int,
+    chunk_tokens: float,
+    total_sequences: float,
+    total_tokens: float,
+    world_size: int,
+) -> float:
+    """Weight of one chunk's aggregated loss so that summing the chunks' gradients (and DeepSpeed's mean over
+    ranks, which `world_size` undoes) gives the gradient of the aggregation over the whole minibatch, all ranks:
+    token_mean: world * chunk_tokens / total_tokens; sequence_mean: world * chunk_sequences / total_sequences;
+    sum_constant: world (its normalizer is a constant covering the whole minibatch already)."""
+    if aggregation == "token_mean":
+        return world_size * chunk_tokens / total_tokens
+    if aggregation == "sequence_mean":
+        return world_size * chunk_sequences / total_sequences
+    return float(world_size)
+
+
 def _token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return aggregate_token_losses(values.detach(), mask, "token_mean")
 

@@ -290,3 +290,28 @@ def score_pairs(
             ).cpu()
         )
     return torch.cat(scores)
+
+
+@dataclass
+class PreferenceScorer:
+    """A frozen preference model (GPM or BT) with its own tokenizer, scoring response texts."""
+
+    model: RewardModel
+    tokenizer: object
+    tau: float  # P(y_i > y_j) = sigma(s / tau)
+    sequences_per_forward: int
+
+    def matrices(self, prompts: list[list[dict]], responses: list[list[str]]) -> torch.Tensor:
+        """[P, K, K] scores s(y_i > y_j | x_p) (see `score_matrices`)."""
+        return score_matrices(self.model, self.tokenizer, prompts, responses, self.sequences_per_forward)
+
+
+def load_preference_scorer(
+    path: str | Path, dtype: str, tau: float | None, sequences_per_forward: int, device=None
+) -> PreferenceScorer:
+    """The frozen reward model at `path` as a scorer; `tau` None takes the model's own (reward_head.json)."""
+    model, tokenizer = load_reward_model(path, dtype)
+    model.requires_grad_(False)
+    if device is not None:
+        model.to(device)
+    return PreferenceScorer(model, tokenizer, tau if tau is not None else model.head_config.tau, sequences_per_forward)

@@ -13,10 +13,10 @@ from posttrain.data.preference import (
     collate_pairs,
     first_divergent_step,
     separator_tokens,
-    sequence_logprob_sums,
 )
 from posttrain.data.sources import SourceRow, read_file
 from posttrain.errors import DataError
+from posttrain.models.logprobs import sequence_logprob_sums
 
 PROMPT = [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "What is 2 + 3?"}]
 CHOSEN = [{"role": "assistant", "content": "2 + 3 = 5\n#### 5"}]
@@ -124,7 +124,7 @@ def test_jsonl_rows_carry_their_file_and_line_into_errors(tmp_path, tiny_tokeniz
 def test_packed_and_padded_pair_batches_give_the_same_sequence_sums(tiny_tokenizer, tiny_model):
     from data_recipes import generate_task
     from posttrain.models.logprob_model import CausalLMWithLogprobs
-    from posttrain.training import pair_logprob_sums
+    from posttrain.models.logprobs import pair_logprob_sums
 
     pairs, _ = build(generate_task("arithmetic_preference", "train", 6, seed=0), tiny_tokenizer)
     model = CausalLMWithLogprobs(tiny_model, fused=False).eval()

@@ -9,7 +9,7 @@ from helpers import compose_config
 
 from evals.runner import evaluate_model
 from posttrain.logging import read_metrics
-from posttrain.trainers import dpo
+from posttrain.training import run_algorithm
 
 pytestmark = [pytest.mark.integration, pytest.mark.isolated]
 
@@ -33,7 +33,7 @@ def test_pipeline_dpo_stage_raises_greedy_accuracy(noisy_sft_model, tmp_path):
             "logger.progress_bar=false",
         ]
     )
-    run_dir = dpo.main(cfg)
+    run_dir = run_algorithm(cfg)
     steps = [m for m in read_metrics(run_dir) if "rewards/margin" in m]
     before, after = greedy_accuracy(noisy_sft_model), greedy_accuracy(run_dir / "final")
     print(

@@ -6,7 +6,9 @@ from helpers import compose_config
 
 from posttrain.engine import reference as reference_module
 from posttrain.logging import read_metrics
-from posttrain.trainers import dpo, sft
+from posttrain.models import reference as pair_reference
+from posttrain.trainers import dpo
+from posttrain.training import run_algorithm
 
 FAST = [
     "algo=dpo",
@@ -37,7 +39,7 @@ STEP_KEYS = (
 
 def run_dpo(run_dir, cache_dir, *overrides):
     cfg = compose_config([f"run_dir={run_dir}", f"algo.reference.cache_dir={cache_dir}", *FAST, *overrides])
-    return dpo.main(cfg)
+    return run_algorithm(cfg)
 
 
 def step_losses(run_dir):
@@ -49,7 +51,7 @@ class ForwardCounter:
 
     def __init__(self, monkeypatch):
         self.builds, self.passes = 0, 0
-        build, compute = dpo.reference_model, reference_module.compute_reference_logprobs
+        build, compute = pair_reference.reference_model, pair_reference.compute_reference_logprobs
 
         def counted_build(*args, **kwargs):
             self.builds += 1
@@ -59,8 +61,8 @@ class ForwardCounter:
             self.passes += 1
             return compute(*args, **kwargs)
 
-        monkeypatch.setattr(dpo, "reference_model", counted_build)
-        monkeypatch.setattr(dpo, "compute_reference_logprobs", counted_compute)
+        monkeypatch.setattr(pair_reference, "reference_model", counted_build)
+        monkeypatch.setattr(pair_reference, "compute_reference_logprobs", counted_compute)
 
 
 @pytest.mark.integration
@@ -186,7 +188,7 @@ def test_nll_alpha_adds_the_chosen_nll_to_any_family_loss(loss):
 
     def loss_with(alpha):
         algo = SimpleNamespace(loss=loss, beta=2.0, label_smoothing=0.0, loss_kwargs={}, nll_alpha=alpha)
-        return dpo.family_loss(SimpleNamespace(cfg=SimpleNamespace(algo=algo)), inputs)
+        return dpo.DPO.family_loss(SimpleNamespace(cfg=SimpleNamespace(algo=algo)), inputs)
 
     (plain, plain_metrics), (rpo, rpo_metrics) = loss_with(0.0), loss_with(0.5)
     nll = chosen_nll(inputs[0], inputs[4])
@@ -203,7 +205,7 @@ def test_negative_nll_alpha_fails_before_anything_is_written(tmp_path):
 
     cfg = compose_config([f"run_dir={tmp_path / 'run'}", *FAST, "algo.nll_alpha=-1"])
     with pytest.raises(ConfigError, match="algo.nll_alpha=-1.0 is negative"):
-        dpo.main(cfg)
+        run_algorithm(cfg)
     assert not (tmp_path / "run" / "config.yaml").exists()
 
 
@@ -211,8 +213,10 @@ def test_unknown_loss_fails_before_anything_is_written(tmp_path):
     from posttrain.errors import ConfigError
 
     cfg = compose_config([f"run_dir={tmp_path / 'run'}", *FAST, "algo.loss=dpo_typo"])
-    with pytest.raises(ConfigError, match="unknown loss 'dpo_typo'; known names: .*dpo_norm"):
-        dpo.main(cfg)
+    with pytest.raises(
+        ConfigError, match="algo.loss='dpo_typo': unknown preference-pair loss .*known names: .*dpo_norm"
+    ):
+        run_algorithm(cfg)
     assert not (tmp_path / "run" / "config.yaml").exists()
 
 
@@ -253,7 +257,7 @@ def test_sft_then_dpo_raises_held_out_preference_accuracy(tmp_path):
             "optim.lr=3e-3",
         ]
     )
-    sft_dir = sft.main(sft_cfg)
+    sft_dir = run_algorithm(sft_cfg)
     dpo_cfg = compose_config(
         [
             f"run_dir={tmp_path / 'dpo'}",
@@ -263,7 +267,7 @@ def test_sft_then_dpo_raises_held_out_preference_accuracy(tmp_path):
             "logger.progress_bar=false",
         ]
     )
-    run_dir = dpo.main(dpo_cfg)
+    run_dir = run_algorithm(dpo_cfg)
     metrics = read_metrics(run_dir)
     before, after = metrics[0], metrics[-1]
     print(

@@ -13,7 +13,8 @@ from helpers import compose_config
 
 from posttrain.errors import ConfigError
 from posttrain.logging import read_metrics
-from posttrain.trainers import gpo
+from posttrain.trainers import get_algorithm
+from posttrain.training import run_algorithm, run_loop, start_run
 
 TIMING = ("rollout_seconds", "scoring_seconds", "train_seconds", "grad_norm")
 
@@ -37,22 +38,22 @@ def fake_reward_model(tmp_path):
         (["algo.sampling.n=1"], r"algo.sampling.n=1 must be >= 2"),
         (["algo.beta=0"], r"algo.beta=0.0 must be > 0"),
         (["algo.prompts_per_iteration=4"], r"algo.prompts_per_iteration=4 must be .* at least .* = 8 pairs"),
-        (["algo.loss=dpo"], r"algo.loss='dpo' is not a self-play loss; known: gpo, sppo"),
+        (["algo.loss=dpo"], r"algo.loss='dpo': 'dpo' is a preference-pair loss, not a self-play loss; .*gpo, sppo"),
     ],
 )
 def test_bad_gpo_settings_fail_naming_the_key_before_writing_anything(tmp_path, fake_reward_model, overrides, message):
     run_dir = tmp_path / "run"
     with pytest.raises(ConfigError, match=message):
-        gpo.setup(gpo_config(run_dir, f"algo.reward_model={fake_reward_model}", *overrides))
+        run_algorithm(gpo_config(run_dir, f"algo.reward_model={fake_reward_model}", *overrides))
     assert not run_dir.exists()
 
 
 def test_missing_or_wrong_reward_model_fails_naming_the_key(tmp_path):
     run_dir = tmp_path / "run"
-    with pytest.raises(ConfigError, match=r"algo.reward_model is not set"):
-        gpo.setup(gpo_config(run_dir))
+    with pytest.raises(ConfigError, match=r"algo.reward_model=None is not a posttrain reward-model directory"):
+        run_algorithm(gpo_config(run_dir))
     with pytest.raises(ConfigError, match=r"algo.reward_model=.* is not a posttrain reward-model directory"):
-        gpo.setup(gpo_config(run_dir, f"algo.reward_model={tmp_path}"))
+        run_algorithm(gpo_config(run_dir, f"algo.reward_model={tmp_path}"))
     assert not run_dir.exists()
 
 
@@ -88,7 +89,7 @@ def test_game_moves_play_legal_moves_on_the_cyclic_preference_prompts():
 @pytest.fixture(scope="module")
 def game_policy(tmp_path_factory):
     """final/ of 100 SFT steps on data=game_moves: the policy plays a (roughly uniform) legal move."""
-    from posttrain.trainers import sft
+    from posttrain.training import run_algorithm
 
     run_dir = tmp_path_factory.mktemp("game_sft")
     cfg = compose_config(
@@ -103,13 +104,13 @@ def game_policy(tmp_path_factory):
             "logger.progress_bar=false",
         ]
     )
-    return sft.main(cfg) / "final"
+    return run_algorithm(cfg) / "final"
 
 
 @pytest.fixture(scope="module")
 def game_gpm(tmp_path_factory):
     """final/ of a GPM on the transitive game preferences (held-out accuracy 1.0 after two epochs)."""
-    from posttrain.trainers import reward
+    from posttrain.training import run_algorithm
 
     run_dir = tmp_path_factory.mktemp("game_gpm")
     cfg = compose_config(
@@ -121,22 +122,22 @@ def game_gpm(tmp_path_factory):
             "logger.progress_bar=false",
         ]
     )
-    reward.main(cfg)
+    run_algorithm(cfg)
     assert read_metrics(run_dir)[-1]["eval_accuracy"] >= 0.95
     return run_dir / "final"
 
 
-def engine_matches_trainer(run, prompts) -> tuple[bool, float]:
+def engine_matches_trainer(trainer, prompts) -> tuple[bool, float]:
     """(the engine's greedy completions equal transformers greedy on the trainer's weights, the largest
     |engine - trainer| log-prob of a sampled completion's tokens)."""
     from rollout_helpers import recomputed_logprobs, reference_greedy
 
     from posttrain.rollout.config import SamplingConfig
 
-    policy = run.engine.module.policy
-    greedy = run.rollout.generate(prompts, SamplingConfig(n=1, temperature=0.0, max_tokens=8))
-    expected = reference_greedy(policy, [c.prompt_token_ids for c in greedy], 8, run.tokenizer.eos_token_id)
-    sampled = run.rollout.generate(prompts, SamplingConfig(n=1, temperature=1.0, max_tokens=8))
+    policy = trainer.engine.module.policy
+    greedy = trainer.rollout.generate(prompts, SamplingConfig(n=1, temperature=0.0, max_tokens=8))
+    expected = reference_greedy(policy, [c.prompt_token_ids for c in greedy], 8, trainer.tokenizer.eos_token_id)
+    sampled = trainer.rollout.generate(prompts, SamplingConfig(n=1, temperature=1.0, max_tokens=8))
     gap = max(
         float((torch.tensor(c.logprobs) - recomputed_logprobs(policy, c.prompt_token_ids, c.token_ids)).abs().max())
         for c in sampled
@@ -148,8 +149,10 @@ def engine_matches_trainer(run, prompts) -> tuple[bool, float]:
 @pytest.mark.vllm
 @pytest.mark.isolated
 def test_gpo_raises_the_score_against_the_initial_policy_with_the_engine_in_sync(tmp_path, game_policy, game_gpm):
-    run = gpo.setup(gpo_config(tmp_path / "gpo", f"model.path={game_policy}", f"algo.reward_model={game_gpm}"))
-    gpo.train(run)
+    cfg = gpo_config(tmp_path / "gpo", f"model.path={game_policy}", f"algo.reward_model={game_gpm}")
+    run = start_run(cfg, get_algorithm("gpo"))
+    trainer = get_algorithm("gpo").entry(run)
+    run_loop(run, trainer)
     metrics = read_metrics(run.run_dir)
     scores = [m["score_vs_initial"] for m in metrics]
     print(
@@ -165,25 +168,26 @@ def test_gpo_raises_the_score_against_the_initial_policy_with_the_engine_in_sync
             for m in metrics
         )
     )
-    assert [m["step"] for m in metrics] == [0, 1, 2, 3]
+    assert [m["step"] for m in metrics] == [0, 8, 16, 24]  # an iteration: 2 epochs x 32 pairs / 8 a step
     assert abs(scores[0]) < 0.2  # the initial policy against its own earlier samples
     assert scores[1] > scores[0] + 0.1 and scores[3] > scores[1]
     for m in metrics[1:]:
         assert m["logratio/winner"] != 0.0  # the policy moved, so a missed sync would show in the next gap
         assert m["sync/max_logprob_gap"] < 1e-3  # each iteration sampled from the weights the trainer held
     # After the last sync the engine decodes exactly like the trainer's model ...
-    prompts = [p.prompt for p in run.eval_prompts[:8]]
-    same_greedy, gap = engine_matches_trainer(run, prompts)
+    prompts = [p.prompt for p in trainer.eval_prompts[:8]]
+    same_greedy, gap = engine_matches_trainer(trainer, prompts)
     assert same_greedy and gap < 1e-3
     # ... and the comparison would catch a stale engine.
     with torch.no_grad():
-        run.engine.module.policy.lm_head.weight.add_(0.05 * torch.randn_like(run.engine.module.policy.lm_head.weight))
-    assert engine_matches_trainer(run, prompts)[1] > 1e-2
-    run.rollout.sync_weights(run.engine)
-    same_greedy, gap = engine_matches_trainer(run, prompts)
+        lm_head = trainer.engine.module.policy.lm_head.weight
+        lm_head.add_(0.05 * torch.randn_like(lm_head))
+    assert engine_matches_trainer(trainer, prompts)[1] > 1e-2
+    trainer.rollout.sync_weights(trainer.engine)
+    same_greedy, gap = engine_matches_trainer(trainer, prompts)
     assert same_greedy and gap < 1e-3
-    run_dir = gpo.finish(run)
-    assert (run_dir / "final" / "model.safetensors").exists() and (run_dir / "checkpoints" / "step_3").is_dir()
+    run_dir = run.run_dir
+    assert (run_dir / "final" / "model.safetensors").exists() and (run_dir / "checkpoints" / "step_24").is_dir()
     assert len((run_dir / "initial_samples.jsonl").read_text().splitlines()) == 32
 
 
@@ -200,16 +204,16 @@ def test_sppo_resumed_at_an_iteration_boundary_continues_like_the_uninterrupted_
         "rollout.max_model_len=128",
         "checkpoint.every=1",
     ]
-    whole = gpo.main(gpo_config(tmp_path / "whole", *common, "algo.iterations=2"))
-    gpo.main(gpo_config(tmp_path / "parts", *common, "algo.iterations=1"))
-    parts = gpo.main(gpo_config(tmp_path / "parts", *common, "algo.iterations=2"))  # resumes from step_1
+    whole = run_algorithm(gpo_config(tmp_path / "whole", *common, "algo.iterations=2"))
+    run_algorithm(gpo_config(tmp_path / "parts", *common, "algo.iterations=1"))
+    parts = run_algorithm(gpo_config(tmp_path / "parts", *common, "algo.iterations=2"))  # resumes from step_8
     expected, resumed = read_metrics(whole), read_metrics(parts)
     print("SPPO score_vs_initial per iteration: " + ", ".join(f"{m['score_vs_initial']:+.3f}" for m in expected))
-    assert [m["step"] for m in resumed] == [0, 1, 2]
+    assert [m["step"] for m in resumed] == [0, 8, 16]
     for a, b in zip(expected, resumed):
         assert {k: v for k, v in a.items() if k not in TIMING} == pytest.approx(
             {k: v for k, v in b.items() if k not in TIMING}, rel=1e-5
         )
     assert expected[2]["score_vs_initial"] > expected[0]["score_vs_initial"] + 0.1  # sppo climbs the same way
     assert (parts / "initial_samples.jsonl").read_text() == (whole / "initial_samples.jsonl").read_text()
-    assert json.loads((parts / "checkpoints" / "step_2" / "trainer_state.json").read_text())["loss"] == "sppo"
+    assert json.loads((parts / "checkpoints" / "step_16" / "trainer_state.json").read_text())["algo"] == "gpo"

@@ -4,7 +4,7 @@ import pytest
 from helpers import compose_config
 
 from posttrain.logging import read_metrics
-from posttrain.trainers import reward
+from posttrain.training import run_algorithm
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +19,7 @@ ARITHMETIC = [
 
 
 def run_rm(run_dir, *overrides):
-    return reward.main(compose_config([f"run_dir={run_dir}", *overrides]))
+    return run_algorithm(compose_config([f"run_dir={run_dir}", *overrides]))
 
 
 def test_saved_reward_model_reloads_with_the_same_held_out_accuracy(tmp_path):
@@ -75,7 +75,6 @@ def test_micro_batch_4_x_accum_2_equals_micro_batch_8_x_accum_1(tmp_path):
 @pytest.fixture(scope="module")
 def sft_model(tmp_path_factory):
     """The tiny model after a short SFT on column-addition arithmetic (the reward model's starting point)."""
-    from posttrain.trainers import sft
 
     run_dir = tmp_path_factory.mktemp("sft")
     cfg = compose_config(
@@ -91,7 +90,7 @@ def sft_model(tmp_path_factory):
             "logger.progress_bar=false",
         ]
     )
-    return sft.main(cfg) / "final"
+    return run_algorithm(cfg) / "final"
 
 
 def test_bt_reward_model_ranks_held_out_arithmetic_pairs(tmp_path, sft_model):

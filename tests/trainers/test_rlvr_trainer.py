@@ -4,7 +4,7 @@ import pytest
 from helpers import compose_config
 
 from posttrain.logging import read_metrics
-from posttrain.trainers import rlvr
+from posttrain.training import run_algorithm
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm, pytest.mark.isolated]
 
@@ -21,7 +21,7 @@ def test_rlvr_raises_held_out_verified_accuracy(noisy_sft_model, tmp_path):
             "logger.progress_bar=false",
         ]
     )
-    run_dir = rlvr.main(cfg)
+    run_dir = run_algorithm(cfg)
     metrics = read_metrics(run_dir)
     evals = [m["eval_accuracy"] for m in metrics if "eval_accuracy" in m]
     rewards = [m["reward_mean"] for m in metrics if "reward_mean" in m]

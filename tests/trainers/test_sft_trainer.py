@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
-from helpers import compose_config
+from helpers import compose_config, wandb_offline_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from posttrain.logging import read_metrics
-from posttrain.trainers import sft
+from posttrain.training import run_algorithm
 
 pytestmark = pytest.mark.integration
 
@@ -18,7 +18,7 @@ FAST = ["data.num_train=256", "data.num_eval=32", "logger.progress_bar=false"]
 
 def run_sft(run_dir, *overrides):
     cfg = compose_config([f"run_dir={run_dir}", *FAST, *overrides])
-    return sft.main(cfg)
+    return run_algorithm(cfg)
 
 
 def test_sft_loss_falls_and_final_loads_and_generates(tmp_path):
@@ -92,10 +92,12 @@ def test_lora_trains_adapters_and_exports_a_merged_model(tmp_path):
     AutoModelForCausalLM.from_pretrained(run_dir / "final")
 
 
-def test_wandb_logger_runs_offline_without_a_login(tmp_path, monkeypatch):
+def test_wandb_logger_runs_offline_with_the_resolved_config(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    run_dir = run_sft(tmp_path / "wandb", "logger=wandb", "train.max_steps=2")
-    offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
-    assert offline_runs, "wandb should have written an offline run in the run dir"
-    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+    run_dir = run_sft(tmp_path / "wandb", "logger=wandb", "train.max_steps=2", "optim.lr=2.5e-3")
+    assert list((run_dir / "wandb").rglob("offline-run-*")), "wandb should have written an offline run in the run dir"
+    config = wandb_offline_config(run_dir)
+    assert config["optim"]["lr"] == 2.5e-3 and config["train"]["max_steps"] == 2 and config["algo"]["name"] == "sft"
+    assert config["run_dir"] == str(run_dir) and config["model"]["tiny"]["hidden_size"] == 128  # resolved, whole
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]

@@ -1,0 +1,98 @@
+"""The frozen reference of the DPO family, as the trainer consumes it: cached sums per split, a live model, or none.
+
+The cache itself (key, computation, on-disk file) is `posttrain.engine.reference`.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from posttrain.engine.reference import (
+    ReferenceLogprobs,
+    cached_reference_logprobs,
+    compute_reference_logprobs,
+    default_cache_dir,
+    frozen_model,
+    model_fingerprint,
+    reference_cache_key,
+)
+from posttrain.models.loading import load_model
+from posttrain.models.logprob_model import CausalLMWithLogprobs
+from posttrain.models.logprobs import pair_logprob_sums
+
+log = logging.getLogger("posttrain")
+
+REFERENCE_FREE_LOSSES = frozenset({"simpo"})
+
+
+@dataclass
+class PairReference:
+    """Where reference log-probs come from: cached per split, a live frozen model, or nowhere (simpo)."""
+
+    train: ReferenceLogprobs | None = None
+    eval: ReferenceLogprobs | None = None
+    live: torch.nn.Module | None = None
+    cache_hits: int = 0
+
+    def sums(self, split: str, indices: list[int], batch, device):
+        """(chosen [B], rejected [B]) reference sums of pairs `indices` of `split` (None, None: reference-free)."""
+        cached = self.train if split == "train" else self.eval
+        if cached is not None:
+            return cached.take(indices, device)
+        if self.live is not None:
+            with torch.no_grad():
+                return pair_logprob_sums(self.live, batch)
+        return None, None
+
+
+def reference_model(cfg, tokenizer) -> torch.nn.Module:
+    """The frozen reference: `algo.reference.path`, else the policy's starting point."""
+    path = cfg.algo.reference.path or cfg.model.path
+    model_cfg = OmegaConf.merge(cfg.model, {"path": path, "gradient_checkpointing": False})
+    module = CausalLMWithLogprobs(
+        load_model(model_cfg, tokenizer, cfg.seed), fused=cfg.model.fused_logprobs, zero_stage=cfg.deepspeed.zero_stage
+    )
+    return frozen_model(module, cfg.deepspeed.zero_stage, cfg.model.dtype, cfg.deepspeed.offload_params)
+
+
+def build_pair_reference(cfg, tokenizer, splits: dict[str, list]) -> PairReference:
+    """Reference log-probs per `algo.reference` for the pairs of each split: cached (the model is loaded only on
+    a cache miss and freed after), live (`cache: false`), or none (a reference-free loss)."""
+    if cfg.algo.loss in REFERENCE_FREE_LOSSES:
+        log.info("%s is reference-free: no reference model", cfg.algo.loss)
+        return PairReference()
+    if not cfg.algo.reference.cache:
+        return PairReference(live=reference_model(cfg, tokenizer))
+    ref_cfg = cfg.algo.reference
+    identity = model_fingerprint(ref_cfg.path or cfg.model.path, OmegaConf.to_container(cfg.model.tiny), cfg.seed)
+    cache_dir = Path(ref_cfg.cache_dir) if ref_cfg.cache_dir else default_cache_dir()
+    loaded: list[torch.nn.Module] = []
+
+    def compute(examples):
+        if not loaded:
+            loaded.append(reference_model(cfg, tokenizer))
+        device = next(iter(loaded[0].parameters())).device
+        return compute_reference_logprobs(
+            loaded[0], examples, ref_cfg.micro_batch_size, cfg.data.packing, tokenizer.pad_token_id, device
+        )
+
+    reference = PairReference()
+    for split, examples in splits.items():
+        if not examples:
+            continue
+        key = reference_cache_key(
+            model=identity, examples=examples, tokenizer=tokenizer, max_length=cfg.data.max_length,
+            truncation=cfg.data.truncation, dtype=cfg.model.dtype, fused=cfg.model.fused_logprobs,
+        )  # fmt: skip
+        logprobs, hit = cached_reference_logprobs(key, cache_dir, len(examples), lambda pairs=examples: compute(pairs))
+        setattr(reference, split, logprobs)
+        reference.cache_hits += int(hit)
+    loaded.clear()  # free the reference model before the policy is built
+    gc.collect()
+    return reference

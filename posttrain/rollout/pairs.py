@@ -1,0 +1,61 @@
+"""Preference pairs made on-policy: K sampled responses per prompt, scored by an oracle, (best, worst) kept.
+
+Self-play trainers (GPO / SPPO, online DPO) sample K responses per prompt through the RolloutService, give
+every response a scalar target (a GPM's mean preference score, a win probability, a verifier's reward) and
+train on the pair of the best and the worst response of each prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.data.preference import PreferenceExample
+from posttrain.rollout.completion import Completion
+from posttrain.rollout.samples import completion_example
+
+
+@dataclass
+class SampledPairs:
+    """One (best, worst) pair per prompt, with the targets that ranked them and the engine's log-probs."""
+
+    examples: list[PreferenceExample]  # chosen = the best response, rejected = the worst
+    target_w: torch.Tensor  # [N] the best / worst response's target
+    target_l: torch.Tensor
+    engine_w: torch.Tensor  # [N] the rollout engine's summed log-probs of the same responses (as sampled)
+    engine_l: torch.Tensor
+    reference_w: torch.Tensor | None = None  # [N] a reference's summed log-probs, filled in by the trainer
+    reference_l: torch.Tensor | None = None
+
+
+def best_worst_pairs(groups: list[list[Completion]], targets: torch.Tensor) -> SampledPairs:
+    """The (argmax, argmin) response of each prompt's group by `targets` [P, K] (ties: the first index)."""
+    best, worst = targets.argmax(-1), targets.argmin(-1)
+    examples, engine_w, engine_l = [], [], []
+    for group, b, w in zip(groups, best.tolist(), worst.tolist()):
+        prompt_length = len(group[b].prompt_token_ids)
+        examples.append(PreferenceExample(completion_example(group[b]), completion_example(group[w]), prompt_length))
+        engine_w.append(sum(group[b].logprobs))
+        engine_l.append(sum(group[w].logprobs))
+    rows = torch.arange(len(groups))
+    return SampledPairs(
+        examples,
+        targets[rows, best].float(),
+        targets[rows, worst].float(),
+        torch.tensor(engine_w, dtype=torch.float32),
+        torch.tensor(engine_l, dtype=torch.float32),
+    )
+
+
+def group_statistics(groups: list[list[Completion]], pairs: SampledPairs) -> dict[str, float]:
+    """Sums over this rank's groups (all-reduce them, then divide): samples, tokens, truncations, target margin,
+    pairs whose two responses are identical."""
+    completions = [completion for group in groups for completion in group]
+    return {
+        "samples": float(len(completions)),
+        "response_tokens": float(sum(len(c.token_ids) for c in completions)),
+        "truncated": float(sum(c.finish_reason != "stop" for c in completions)),
+        "target_margin_sum": float((pairs.target_w - pairs.target_l).sum()),
+        "identical_pairs": float(sum(e.chosen.input_ids == e.rejected.input_ids for e in pairs.examples)),
+    }
