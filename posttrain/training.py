@@ -28,6 +28,7 @@ import torch
 from omegaconf import OmegaConf
 
 from posttrain.data.batching import StepPlan
+from posttrain.data.chat import IGNORE_INDEX, TokenizedExample
 from posttrain.data.loading import load_rows
 from posttrain.data.preference import PreferenceExample, build_preference_examples, preference_texts
 from posttrain.engine import backend
@@ -37,6 +38,7 @@ from posttrain.errors import ConfigError
 from posttrain.logging import MetricsLogger
 from posttrain.models.loading import DTYPES, load_model, load_tokenizer
 from posttrain.models.logprob_model import CausalLMWithLogprobs
+from posttrain.models.logprobs import completion_logprobs
 from posttrain.models.lora import wrap_lora
 from posttrain.run_dir import resume_point, write_config
 
@@ -187,6 +189,16 @@ def total_optimizer_steps(plan: StepPlan, train_cfg, steps_per_update: int = 1) 
 
 def batch_to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
     return {key: value.to(device) for key, value in batch.items()}
+
+
+def idle_micro_step(engine, token_id: int, max_grad_norm: float) -> None:
+    """A zero-loss forward, backward and micro-step on a two-token dummy sequence: a rank with nothing to train on
+    in this micro-batch still joins the others' collectives (ZeRO-3 gathers parameters in every forward) and
+    DeepSpeed's count of micro-steps to the optimizer step."""
+    dummy = TokenizedExample([token_id, token_id], [IGNORE_INDEX, token_id])
+    logprobs, _, _ = completion_logprobs(engine, [dummy], [1])
+    engine.backward(logprobs.sum() * 0.0, scale_wrt_gas=False)
+    backend.step(engine, max_grad_norm)
 
 
 def pair_loss_scale(pairs_in_micro_batch: int, plan: StepPlan) -> float:

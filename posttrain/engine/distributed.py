@@ -71,3 +71,22 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 def all_reduce_max(values: list[float]) -> list[float]:
     """Element-wise max of `values` over ranks: e.g. every rank agreeing on the most forwards any rank needs."""
     return _all_reduce(values, dist.ReduceOp.MAX)
+
+
+class WeightedMeans:
+    """Weighted sums of named metrics on this rank; `means()` all-reduces them over ranks and divides by the
+    summed weight (a collective: every rank calls it)."""
+
+    def __init__(self, names):
+        self.names = tuple(names)
+        self.sums = [0.0] * len(self.names)
+        self.weight = 0.0
+
+    def add(self, metrics, weight: float) -> None:
+        for position, name in enumerate(self.names):
+            self.sums[position] += float(metrics[name]) * weight
+        self.weight += weight
+
+    def means(self) -> dict[str, float]:
+        *sums, weight = all_reduce_sum([*self.sums, self.weight])
+        return {name: value / weight if weight else 0.0 for name, value in zip(self.names, sums)}

@@ -15,12 +15,14 @@ from posttrain.models.logprob_model import base_causal_lm
 
 
 @contextlib.contextmanager
-def gathered_parameters(module: nn.Module, zero_stage: int):
-    """Inside, every parameter of `module` is whole on every rank (ZeRO-3 gathers; else a no-op)."""
+def gathered_parameters(module: nn.Module, zero_stage: int, modifier_rank: int | None = None):
+    """Inside, every parameter of `module` is whole on every rank (ZeRO-3 gathers; else a no-op). Writes made
+    inside survive only with `modifier_rank` set: that rank's values are broadcast and re-partitioned on exit
+    (with None, DeepSpeed discards them)."""
     if zero_stage == 3:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=modifier_rank):
             yield
     else:
         yield

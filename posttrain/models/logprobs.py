@@ -14,7 +14,7 @@ import torch
 
 from posttrain.data.batching import collate_packed
 from posttrain.data.chat import IGNORE_INDEX, TokenizedExample
-from posttrain.data.preference import PairBatch
+from posttrain.data.preference import PairBatch, PreferenceExample, collate_pairs
 
 
 def model_device(model) -> torch.device:
@@ -87,3 +87,26 @@ def padded_rows(rows: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tenso
     for index, row in enumerate(rows):
         out[index, : row.numel()] = row.to(out.device)
     return out
+
+
+@torch.no_grad()
+def pair_logprob_rows(
+    model,
+    pairs: Sequence[PreferenceExample],
+    micro_batch_size: int,
+    packing: bool,
+    pad_token_id: int,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs of every pair ([N] chosen, [N] rejected, on CPU) under `model`, in eval mode,
+    `micro_batch_size` pairs per forward."""
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    for start in range(0, len(pairs), micro_batch_size):
+        batch = collate_pairs(list(pairs[start : start + micro_batch_size]), packing, pad_token_id)
+        winner, loser = pair_logprob_sums(model, batch.to(model_device(model)), temperature)
+        chosen.append(winner.cpu())
+        rejected.append(loser.cpu())
+    model.train(was_training)
+    return torch.cat(chosen), torch.cat(rejected)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from posttrain.engine.export import gathered_parameters, hf_state_dict
 from posttrain.engine.reference import (
     ReferenceLogprobs,
     cached_reference_logprobs,
@@ -24,7 +25,7 @@ from posttrain.engine.reference import (
 )
 from posttrain.models.loading import load_model
 from posttrain.models.logprob_model import CausalLMWithLogprobs
-from posttrain.models.logprobs import pair_logprob_sums
+from posttrain.models.logprobs import completion_logprob_rows, pair_logprob_sums
 
 log = logging.getLogger("posttrain")
 
@@ -96,3 +97,24 @@ def build_pair_reference(cfg, tokenizer, splits: dict[str, list]) -> PairReferen
     loaded.clear()  # free the reference model before the policy is built
     gc.collect()
     return reference
+
+
+def refresh_reference(reference: torch.nn.Module, policy: torch.nn.Module, zero_stage: int) -> None:
+    """Copy the policy's current weights into the frozen reference (T1's "dynamic anchor"). Under ZeRO-3 both are
+    partitioned: the policy is gathered whole, rank 0 alone writes it into the gathered reference, and DeepSpeed
+    broadcasts and re-partitions it on exit (modifier_rank=0; writes under modifier_rank=None are discarded)."""
+    sharded = zero_stage == 3
+    state = hf_state_dict(policy, zero_stage, all_ranks=not sharded)
+    target = reference.module if hasattr(reference, "module") else reference
+    with gathered_parameters(target.policy, zero_stage, modifier_rank=0):
+        if state is not None:  # rank 0 under ZeRO-3; every rank (each holds a whole copy) otherwise
+            target.policy.load_state_dict(state)
+
+
+def reference_logprob_rows(reference, policy_engine, examples, prompt_lengths, micro_batch_size, temperature):
+    """Per-token reference log-probs of each completion (`completion_logprob_rows`): from the frozen `reference`,
+    or, when it is None (LoRA), from the policy with its adapters switched off (the base model is the reference)."""
+    if reference is not None:
+        return completion_logprob_rows(reference, examples, prompt_lengths, micro_batch_size, temperature)
+    with policy_engine.module.policy.disable_adapter():
+        return completion_logprob_rows(policy_engine, examples, prompt_lengths, micro_batch_size, temperature)

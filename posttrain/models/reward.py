@@ -305,6 +305,23 @@ class PreferenceScorer:
         """[P, K, K] scores s(y_i > y_j | x_p) (see `score_matrices`)."""
         return score_matrices(self.model, self.tokenizer, prompts, responses, self.sequences_per_forward)
 
+    def versus(self, prompts: list[list[dict]], current: list[list[str]], baseline: list[list[str]]):
+        """Each current response against its prompt's baseline responses: ([P, m] mean score s(y > y0) over the
+        y0, [P, m] mean win probability sigma(s / tau)); m = responses per prompt in `current`."""
+        m = len(current[0])
+        scores = self.matrices(prompts, [c + b for c, b in zip(current, baseline)])[:, :m, m:]
+        return scores.mean(-1), torch.sigmoid(scores / self.tau).mean(-1)
+
+
+def reward_model_dir_problem(path: str | None, key: str) -> str | None:
+    """Why `path` (named by config `key`) is not a posttrain reward-model directory, or None if it is one."""
+    if path and (Path(path) / HEAD_FILE).exists():
+        return None
+    return (
+        f"{key}={path} is not a posttrain reward-model directory (no {HEAD_FILE}); pass the final/ dir of an "
+        f"algo=rm run (head=gpm or bt), e.g. {key}=runs/rm/final"
+    )
+
 
 def load_preference_scorer(
     path: str | Path, dtype: str, tau: float | None, sequences_per_forward: int, device=None

@@ -21,6 +21,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from posttrain.engine.distributed import all_reduce_sum
 from posttrain.errors import ConfigError, DataError
 from posttrain.registry import Registry
 from posttrain.rewards import VERIFIERS
@@ -131,3 +132,41 @@ def _field(row: Mapping[str, Any], key: str, index: int) -> Any:
             f'"ground_truth"; got {row!r:.200}'
         )
     return row[key]
+
+
+def score_completions(
+    prompts: Sequence, completions: Sequence, reward: float, nonstop_penalty: float, timeout_s: float
+) -> tuple[list[float], dict[str, int]]:
+    """Verifier rewards of rollout completions (completion c answers prompts[c.prompt_index], a PromptRow with
+    `verifier` and `ground_truth`) and the counts the RL metrics need: verified, truncated, response tokens,
+    verifier errors and timeouts."""
+    rows = [{"verifier": prompts[c.prompt_index].verifier, "ground_truth": prompts[c.prompt_index].ground_truth}
+            for c in completions]  # fmt: skip
+    finished = [c.finish_reason == "stop" for c in completions]
+    rewards, counts = score_batch(rows, [c.text for c in completions], finished, reward, nonstop_penalty, timeout_s)
+    return rewards, {
+        "verified": sum(r >= reward for r in rewards),
+        "truncated": sum(not f for f in finished),
+        "response_tokens": sum(len(c.token_ids) for c in completions),
+        "verifier_errors": counts["error"],
+        "verifier_timeouts": counts["timeout"],
+    }
+
+
+def rollout_reward_metrics(rewards, kept_groups: float, counts: dict[str, int], group_size: int) -> dict[str, float]:
+    """Step metrics of one rollout batch over all ranks: rewards [P, n] of this rank's groups, how many of its
+    groups were kept, and score_completions' counts; every value is all-reduced before dividing."""
+    names = ["reward_sum", "reward_sq", "samples", "kept_groups", *counts]
+    values = [float(rewards.sum()), float((rewards**2).sum()), float(rewards.numel()), float(kept_groups)]
+    totals = dict(zip(names, all_reduce_sum(values + [float(v) for v in counts.values()])))
+    samples, mean = max(totals["samples"], 1.0), totals["reward_sum"] / max(totals["samples"], 1.0)
+    return {
+        "reward_mean": mean,
+        "reward_std": max(totals["reward_sq"] / samples - mean**2, 0.0) ** 0.5,
+        "accuracy": totals["verified"] / samples,
+        "response_length": totals["response_tokens"] / samples,
+        "truncated_fraction": totals["truncated"] / samples,
+        "groups_kept_fraction": totals["kept_groups"] / (samples / group_size),
+        "verifier_errors": totals["verifier_errors"],
+        "verifier_timeouts": totals["verifier_timeouts"],
+    }

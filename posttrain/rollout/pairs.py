@@ -59,3 +59,15 @@ def group_statistics(groups: list[list[Completion]], pairs: SampledPairs) -> dic
         "target_margin_sum": float((pairs.target_w - pairs.target_l).sum()),
         "identical_pairs": float(sum(e.chosen.input_ids == e.rejected.input_ids for e in pairs.examples)),
     }
+
+
+def group_metrics(totals: dict[str, float], group_size: int) -> dict[str, float]:
+    """Step metrics from `group_statistics` sums over all ranks."""
+    samples = max(totals["samples"], 1.0)
+    prompts = samples / group_size
+    return {
+        "target_margin": totals["target_margin_sum"] / prompts,
+        "identical_pair_fraction": totals["identical_pairs"] / prompts,
+        "response_length": totals["response_tokens"] / samples,
+        "truncated_fraction": totals["truncated"] / samples,
+    }

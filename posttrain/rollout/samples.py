@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from posttrain.data.chat import IGNORE_INDEX, TokenizedExample
+from posttrain.errors import ConfigError
 from posttrain.rollout.completion import Completion
 from posttrain.rollout.config import SamplingConfig
 from posttrain.rollout.service import RolloutService
@@ -69,4 +71,22 @@ def policy_samples(
                     list(completion.logprobs),
                 )  # fmt: skip
             )
+    return samples
+
+
+def load_or_draw_samples(
+    path: Path, rollout: RolloutService, prompts: Sequence, sampling: SamplingConfig, resumed: bool
+) -> list[list[str]]:
+    """Response texts per prompt kept at `path` (jsonl: prompt, responses), or drawn now and written atomically.
+    A resumed run must find them (it compares against the same samples), so a missing file then is an error."""
+    path = Path(path)
+    if path.exists():
+        return [json.loads(line)["responses"] for line in path.read_text().splitlines() if line.strip()]
+    if resumed:
+        raise ConfigError(f"{path} is missing: a resumed run compares against the samples saved there")
+    groups = grouped_completions(rollout, list(prompts), sampling) if prompts else []
+    samples = [[completion.text for completion in group] for group in groups]
+    staging = path.with_suffix(".tmp")
+    staging.write_text("".join(json.dumps({"prompt": p, "responses": r}) + "\n" for p, r in zip(prompts, samples)))
+    staging.replace(path)
     return samples

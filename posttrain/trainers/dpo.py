@@ -20,7 +20,7 @@ import torch
 from posttrain.data.batching import StepPlan
 from posttrain.data.preference import collate_pairs, first_divergent_step, separator_tokens
 from posttrain.engine import backend
-from posttrain.engine.distributed import all_reduce_sum, rank, world_size
+from posttrain.engine.distributed import WeightedMeans, all_reduce_sum, rank, world_size
 from posttrain.engine.export import export_hf
 from posttrain.errors import ConfigError
 from posttrain.losses import PAIR_LOSSES
@@ -139,23 +139,20 @@ class DPO:
         """One optimizer step over this rank's micro-batches; metrics are pair-weighted means over the step."""
         lr = backend.current_lr(self.engine)
         started = time.perf_counter()
-        totals = [0.0] * (len(STEP_METRICS) + 2)  # metric sums weighted by pairs, pairs, tokens
+        means, tokens = WeightedMeans(STEP_METRICS), 0.0
         for indices in self.plan.micro_batches(step, rank()):
             batch, inputs = self.pair_inputs("train", indices)
             loss, metrics = self.family_loss(inputs)
             self.engine.backward(loss * pair_loss_scale(len(indices), self.plan), scale_wrt_gas=False)
             backend.step(self.engine, self.cfg.optim.max_grad_norm)
-            for position, name in enumerate(STEP_METRICS):
-                totals[position] += float(metrics[name]) * len(indices)
-            totals[-2] += len(indices)
-            tokens = (
-                batch.inputs["input_ids"].numel() if self.cfg.data.packing else batch.inputs["attention_mask"].sum()
-            )
-            totals[-1] += float(tokens)
+            means.add(metrics, len(indices))
+            inputs_ = batch.inputs
+            tokens += float(inputs_["input_ids"].numel() if self.cfg.data.packing else inputs_["attention_mask"].sum())
         elapsed = time.perf_counter() - started
-        totals = all_reduce_sum(totals)
-        result = {name: totals[position] / totals[-2] for position, name in enumerate(STEP_METRICS)}
-        result.update(lr=lr, grad_norm=backend.grad_norm(self.engine), tokens_per_second=totals[-1] / elapsed)
+        result = means.means()
+        result.update(
+            lr=lr, grad_norm=backend.grad_norm(self.engine), tokens_per_second=all_reduce_sum([tokens])[0] / elapsed
+        )
         return result
 
     @torch.no_grad()

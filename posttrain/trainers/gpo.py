@@ -16,7 +16,6 @@ kept in run_dir/initial_samples*.jsonl so a resumed run compares against the sam
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -30,16 +29,16 @@ from posttrain.data.loading import load_rows
 from posttrain.data.preference import collate_pairs
 from posttrain.data.prompts import unique_prompt_rows
 from posttrain.engine import backend
-from posttrain.engine.distributed import all_reduce_max, all_reduce_sum, rank, world_size
+from posttrain.engine.distributed import WeightedMeans, all_reduce_max, all_reduce_sum, rank, world_size
 from posttrain.engine.export import export_hf
 from posttrain.errors import ConfigError
 from posttrain.losses import SELF_PLAY_LOSSES
 from posttrain.losses.preference import mean_preference_scores, self_play_targets
-from posttrain.models.logprobs import pair_logprob_sums
-from posttrain.models.reward import HEAD_FILE, load_preference_scorer
+from posttrain.models.logprobs import pair_logprob_rows, pair_logprob_sums
+from posttrain.models.reward import load_preference_scorer, reward_model_dir_problem
 from posttrain.rollout.config import SamplingConfig
-from posttrain.rollout.pairs import SampledPairs, best_worst_pairs, group_statistics
-from posttrain.rollout.samples import grouped_completions, rollout_model_dir
+from posttrain.rollout.pairs import SampledPairs, best_worst_pairs, group_metrics, group_statistics
+from posttrain.rollout.samples import grouped_completions, load_or_draw_samples, rollout_model_dir
 from posttrain.rollout.service import build_rollout_service
 from posttrain.trainers import register_algo
 from posttrain.training import Run, build_engine, pair_loss_scale, policy_module
@@ -72,12 +71,7 @@ def check_config(cfg) -> None:
     """Every GPO setting that can be wrong, checked before anything is read or written; one error lists all."""
     algo = cfg.algo
     self_play_targets(algo.loss)
-    problems = []
-    if not algo.reward_model or not (Path(algo.reward_model) / HEAD_FILE).exists():
-        problems.append(
-            f"algo.reward_model={algo.reward_model} is not a posttrain reward-model directory (no {HEAD_FILE}); "
-            "pass the final/ dir of an algo=rm run (head=gpm or bt), e.g. algo.reward_model=runs/rm/final"
-        )
+    problems = [problem for problem in [reward_model_dir_problem(algo.reward_model, "algo.reward_model")] if problem]
     checks = {
         f"algo.sampling.n={algo.sampling.n} must be >= 2 (the K responses per prompt that make the pairs)": (
             algo.sampling.n < 2
@@ -166,14 +160,10 @@ class GPO:
         metrics = self.update(pairs, iteration)
         self.rollout.sync_weights(self.engine)
         totals = dict(zip(stats, all_reduce_sum(list(stats.values()))))
-        samples, prompts_all = totals["samples"], totals["samples"] / algo.sampling.n
-        mean = totals["s_hat_sum"] / samples
+        mean = totals["s_hat_sum"] / totals["samples"]
         metrics.update({
-            "s_hat_std": max(totals["s_hat_sq"] / samples - mean**2, 0.0) ** 0.5,
-            "target_margin": totals["target_margin_sum"] / prompts_all,
-            "identical_pair_fraction": totals["identical_pairs"] / prompts_all,
-            "response_length": totals["response_tokens"] / samples,
-            "truncated_fraction": totals["truncated"] / samples,
+            **group_metrics(totals, algo.sampling.n),
+            "s_hat_std": max(totals["s_hat_sq"] / totals["samples"] - mean**2, 0.0) ** 0.5,
             "lr": backend.current_lr(self.engine), "grad_norm": backend.grad_norm(self.engine),
             "rollout_seconds": rollout_seconds, "scoring_seconds": scoring_seconds,
             "train_seconds": time.perf_counter() - started,
@@ -182,21 +172,10 @@ class GPO:
             metrics["sync/max_logprob_gap"] = max(all_reduce_max([gap])[0], 0.0)
         return metrics
 
-    @torch.no_grad()
     def pair_logprobs(self, pairs: SampledPairs, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """log pi_t of every pair's responses ([N] winner, [N] loser) under the current weights."""
-        self.engine.eval()
-        winners, losers = [], []
-        size = self.cfg.train.micro_batch_size
-        for start in range(0, len(pairs.examples), size):
-            batch = collate_pairs(
-                pairs.examples[start : start + size], self.cfg.data.packing, self.tokenizer.pad_token_id
-            )
-            winner, loser = pair_logprob_sums(self.engine, batch.to(self.engine.device), temperature)
-            winners.append(winner.cpu())
-            losers.append(loser.cpu())
-        self.engine.train()
-        return torch.cat(winners), torch.cat(losers)
+        size, packing, pad = self.cfg.train.micro_batch_size, self.cfg.data.packing, self.tokenizer.pad_token_id
+        return pair_logprob_rows(self.engine, pairs.examples, size, packing, pad, temperature)
 
     def sync_gap(self, pairs: SampledPairs) -> float | None:
         """Largest |engine - trainer| summed log-prob over the pairs' responses (sampled by pi_t, scored as pi_t
@@ -218,7 +197,7 @@ class GPO:
         seed = cfg.seed * 7919 + iteration
         plan = StepPlan(train.micro_batch_size, train.gradient_accumulation_steps, 1, len(pairs.examples), seed)
         loss_fn = SELF_PLAY_LOSSES.get(cfg.algo.loss)
-        totals = [0.0] * (len(LOSS_METRICS) + 1)
+        means = WeightedMeans(LOSS_METRICS)
         for step in range(self.steps_per_update):
             for indices in plan.micro_batches(step, 0):
                 batch = collate_pairs(
@@ -232,11 +211,8 @@ class GPO:
                 )
                 engine.backward(loss * pair_loss_scale(len(indices), plan), scale_wrt_gas=False)
                 backend.step(engine, cfg.optim.max_grad_norm)
-                for position, name in enumerate(LOSS_METRICS):
-                    totals[position] += float(metrics[name]) * len(indices)
-                totals[-1] += len(indices)
-        totals = all_reduce_sum(totals)
-        return {name: totals[position] / totals[-1] for position, name in enumerate(LOSS_METRICS)}
+                means.add(metrics, len(indices))
+        return means.means()
 
     def eval_request(self, seed: int) -> SamplingConfig:
         eval_cfg = self.cfg.eval
@@ -245,20 +221,8 @@ class GPO:
     def load_or_draw_initial_samples(self, resumed: bool) -> list[list[str]]:
         """The initial policy's samples on this rank's eval prompts: from the run dir, or drawn now."""
         name = "initial_samples.jsonl" if world_size() == 1 else f"initial_samples.rank{rank()}.jsonl"
-        path = self.run_dir / name
-        if path.exists():
-            return [json.loads(line)["responses"] for line in path.read_text().splitlines() if line.strip()]
-        if resumed:
-            raise ConfigError(f"{path} is missing: a resumed GPO run compares against the initial samples saved there")
-        samples = []
-        if self.eval_prompts:
-            groups = grouped_completions(self.rollout, [p.prompt for p in self.eval_prompts], self.eval_request(-1))
-            samples = [[completion.text for completion in group] for group in groups]
-        staging = path.with_suffix(".tmp")
-        rows = [{"prompt": p.prompt, "responses": r} for p, r in zip(self.eval_prompts, samples)]
-        staging.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        staging.replace(path)
-        return samples
+        prompts = [p.prompt for p in self.eval_prompts]
+        return load_or_draw_samples(self.run_dir / name, self.rollout, prompts, self.eval_request(-1), resumed)
 
     def evaluate(self) -> dict[str, float]:
         """Mean s(y > y0) and win rate sigma(s / tau) of fresh samples y of the current policy against the
@@ -267,14 +231,11 @@ class GPO:
         if self.eval_prompts:
             prompts = [p.prompt for p in self.eval_prompts]
             groups = grouped_completions(self.rollout, prompts, self.eval_request(10_000 + self.engine.global_steps))
-            m = len(groups[0])
-            responses = [[c.text for c in group] + initial for group, initial in zip(groups, self.initial_samples)]
-            scores = self.scorer.matrices(prompts, responses)[:, :m, m:]  # [P, current, initial]
-            per_sample = scores.mean(-1)
+            texts = [[c.text for c in group] for group in groups]
+            per_sample, win_rate = self.scorer.versus(prompts, texts, self.initial_samples)
             totals = [
-                float(per_sample.sum()), float((per_sample**2).sum()),
-                float(torch.sigmoid(scores / self.scorer.tau).mean(-1).sum()), float(per_sample.numel()),
-                float(sum(len(c.token_ids) for group in groups for c in group)),
+                float(per_sample.sum()), float((per_sample**2).sum()), float(win_rate.sum()),
+                float(per_sample.numel()), float(sum(len(c.token_ids) for group in groups for c in group)),
             ]  # fmt: skip
         score, score_sq, wins, samples, tokens = all_reduce_sum(totals)
         samples = max(samples, 1.0)

@@ -8,7 +8,6 @@ with the trainer (skipped when the update is one optimizer step: they are then t
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,24 +17,24 @@ import torch
 
 from posttrain.config import greedy_eval_request, sampled_eval_request
 from posttrain.data.batching import StepPlan, split_evenly
-from posttrain.data.chat import IGNORE_INDEX, TokenizedExample
 from posttrain.data.loading import load_rows
 from posttrain.data.prompts import build_prompt_rows
 from posttrain.engine import backend
 from posttrain.engine.distributed import all_reduce_sum, rank, world_size
-from posttrain.engine.export import export_hf, gathered_parameters, hf_state_dict
+from posttrain.engine.export import export_hf
 from posttrain.engine.reference import frozen_model
 from posttrain.errors import ConfigError
 from posttrain.losses import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES
 from posttrain.losses.policy import AGGREGATIONS, chunk_loss_weight, group_advantages
 from posttrain.models.logprobs import completion_logprob_rows, completion_logprobs, padded_rows
+from posttrain.models.reference import reference_logprob_rows, refresh_reference
 from posttrain.rewards import VERIFIERS
-from posttrain.rewards.reward import score_batch
+from posttrain.rewards.reward import rollout_reward_metrics, score_completions
 from posttrain.rollout.config import SamplingConfig
 from posttrain.rollout.samples import PolicySample, policy_samples, rollout_model_dir
 from posttrain.rollout.service import build_rollout_service
 from posttrain.trainers import register_algo
-from posttrain.training import Run, build_engine, policy_module, total_optimizer_steps
+from posttrain.training import Run, build_engine, crossed, idle_micro_step, policy_module, total_optimizer_steps
 
 log = logging.getLogger("posttrain")
 
@@ -126,7 +125,9 @@ class RLVR:
         prompts = [self.train_prompts[i] for i in self.plan.micro_batches(step // self.steps_per_update, rank())[0]]
         started = time.perf_counter()
         completions = self.rollout.generate([p.prompt for p in prompts], SamplingConfig(**algo.sampling))
-        rewards, counts = self.score(prompts, completions, algo.verification_reward, algo.nonstop_penalty)
+        rewards, counts = score_completions(
+            prompts, completions, algo.verification_reward, algo.nonstop_penalty, algo.verifier_timeout_s
+        )
         rewards = torch.tensor(rewards).view(len(prompts), algo.sampling.n)
         rollout_seconds = time.perf_counter() - started
         advantages, keep = group_advantages(rewards, mode=algo.advantage)
@@ -138,43 +139,18 @@ class RLVR:
         metrics = self.update(samples, step) if kept else {}
         if kept:
             self.rollout.sync_weights(self.engine)
-        if algo.reference_refresh_every and self.reference is not None:
-            if (step + self.steps_per_update) // algo.reference_refresh_every > step // algo.reference_refresh_every:
-                self.refresh_reference()
+        if self.reference is not None and crossed(
+            step + self.steps_per_update, self.steps_per_update, algo.reference_refresh_every
+        ):
+            refresh_reference(self.reference, self.engine.module.policy, self.cfg.deepspeed.zero_stage)
         train_seconds = time.perf_counter() - started
-        names = ["reward_sum", "reward_sq", "samples", "kept_groups", *counts]
-        values = [float(rewards.sum()), float((rewards**2).sum()), float(rewards.numel()), float(keep.sum())]
-        totals = dict(zip(names, all_reduce_sum(values + [float(v) for v in counts.values()])))
-        samples_all, mean = totals["samples"], totals["reward_sum"] / totals["samples"]
         return {
-            "reward_mean": mean,
-            "reward_std": max(totals["reward_sq"] / samples_all - mean**2, 0.0) ** 0.5,
-            "accuracy": totals["verified"] / samples_all,
-            "response_length": totals["response_tokens"] / samples_all,
-            "truncated_fraction": totals["truncated"] / samples_all,
-            "groups_kept_fraction": totals["kept_groups"] / (samples_all / algo.sampling.n),
-            "verifier_errors": totals["verifier_errors"],
-            "verifier_timeouts": totals["verifier_timeouts"],
+            **rollout_reward_metrics(rewards, float(keep.sum()), counts, algo.sampling.n),
             "lr": backend.current_lr(self.engine),
             "grad_norm": backend.grad_norm(self.engine) if kept else 0.0,
             "rollout_seconds": rollout_seconds,
             "train_seconds": train_seconds,
             **metrics,
-        }
-
-    def score(self, prompts, completions, reward: float, nonstop_penalty: float) -> tuple[list[float], dict]:
-        """Verifier rewards of the completions (of prompts[c.prompt_index]) and counts for the metrics."""
-        rows = [{"verifier": prompts[c.prompt_index].verifier, "ground_truth": prompts[c.prompt_index].ground_truth}
-                for c in completions]  # fmt: skip
-        finished = [c.finish_reason == "stop" for c in completions]
-        texts = [c.text for c in completions]
-        rewards, counts = score_batch(rows, texts, finished, reward, nonstop_penalty, self.cfg.algo.verifier_timeout_s)
-        return rewards, {
-            "verified": sum(r >= reward for r in rewards),
-            "truncated": sum(not f for f in finished),
-            "response_tokens": sum(len(c.token_ids) for c in completions),
-            "verifier_errors": counts["error"],
-            "verifier_timeouts": counts["timeout"],
         }
 
     def update(self, samples: list[PolicySample], step: int) -> dict[str, float]:
@@ -188,9 +164,7 @@ class RLVR:
             for sample, row in zip(samples, rows):
                 sample.old_logprobs = row
         if algo.kl_beta != 0.0:
-            reference = self.reference if self.reference is not None else self.engine
-            with self.engine.module.policy.disable_adapter() if self.reference is None else contextlib.nullcontext():
-                rows = completion_logprob_rows(reference, examples, prompts, size, temperature)
+            rows = reference_logprob_rows(self.reference, self.engine, examples, prompts, size, temperature)
             for sample, row in zip(samples, rows):
                 sample.reference_logprobs = row
         self.engine.train()
@@ -212,10 +186,7 @@ class RLVR:
         loss_fn = POLICY_LOSSES.get("grpo")
         for chunk in split_evenly(minibatch, cfg.train.gradient_accumulation_steps):
             if not chunk:
-                eos = self.tokenizer.eos_token_id
-                logprobs, _, _ = completion_logprobs(engine, [TokenizedExample([eos, eos], [IGNORE_INDEX, eos])], [1])
-                engine.backward(logprobs.sum() * 0.0, scale_wrt_gas=False)
-                backend.step(engine, cfg.optim.max_grad_norm)
+                idle_micro_step(engine, self.tokenizer.eos_token_id, cfg.optim.max_grad_norm)
                 continue
             logprobs, entropy, mask = completion_logprobs(
                 engine, [s.example for s in chunk], [s.prompt_length for s in chunk], algo.sampling.temperature
@@ -267,17 +238,10 @@ class RLVR:
         correct, samples = 0.0, 0.0
         if mine:
             completions = self.rollout.generate([p.prompt for p in mine], sampling)
-            rewards, _ = self.score(mine, completions, 1.0, 0.0)
+            rewards, _ = score_completions(mine, completions, 1.0, 0.0, self.cfg.algo.verifier_timeout_s)
             correct, samples = float(sum(r >= 1.0 for r in rewards)), float(len(completions))
         total_correct, total = all_reduce_sum([correct, samples])
         return total_correct / max(total, 1.0)
-
-    def refresh_reference(self) -> None:
-        """Copy the current policy into the frozen reference (a "dynamic anchor")."""
-        state = hf_state_dict(self.engine.module.policy, self.cfg.deepspeed.zero_stage, all_ranks=True)
-        target = self.reference.module if hasattr(self.reference, "module") else self.reference
-        with gathered_parameters(target.policy, self.cfg.deepspeed.zero_stage):
-            target.policy.load_state_dict(state)
 
     def export(self, out_dir: Path) -> None:
         export_hf(self.engine.module.policy, self.tokenizer, out_dir, self.cfg.deepspeed.zero_stage)
