@@ -28,7 +28,6 @@ import torch
 from omegaconf import OmegaConf
 
 from posttrain.data.batching import StepPlan
-from posttrain.data.chat import IGNORE_INDEX, TokenizedExample
 from posttrain.data.loading import load_rows
 from posttrain.data.preference import PreferenceExample, build_preference_examples, preference_texts
 from posttrain.engine import backend
@@ -38,7 +37,7 @@ from posttrain.errors import ConfigError
 from posttrain.logging import MetricsLogger
 from posttrain.models.loading import DTYPES, load_model, load_tokenizer
 from posttrain.models.logprob_model import CausalLMWithLogprobs
-from posttrain.models.logprobs import completion_logprobs
+from posttrain.models.logprobs import completion_logprobs, idle_example
 from posttrain.models.lora import wrap_lora
 from posttrain.run_dir import resume_point, write_config
 
@@ -193,11 +192,12 @@ def batch_to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
 
 def idle_micro_step(engine, token_id: int, max_grad_norm: float) -> None:
     """A zero-loss forward, backward and micro-step on a two-token dummy sequence: a rank with nothing to train on
-    in this micro-batch still joins the others' collectives (ZeRO-3 gathers parameters in every forward) and
-    DeepSpeed's count of micro-steps to the optimizer step."""
-    dummy = TokenizedExample([token_id, token_id], [IGNORE_INDEX, token_id])
-    logprobs, _, _ = completion_logprobs(engine, [dummy], [1])
-    engine.backward(logprobs.sum() * 0.0, scale_wrt_gas=False)
+    in this micro-batch still joins the others' collectives (ZeRO-3 gathers parameters in every forward and
+    backward) and DeepSpeed's count of micro-steps to the optimizer step. The loss reaches both outputs, log-probs
+    and entropy, as the policy losses' do: ZeRO-3 hooks the backward of each output, and a rank whose backward
+    visits fewer of them records a different parameter trace than the others (DeepSpeed then fails)."""
+    logprobs, entropy, _ = completion_logprobs(engine, [idle_example(token_id)], [1])
+    engine.backward((logprobs.sum() + entropy.sum()) * 0.0, scale_wrt_gas=False)
     backend.step(engine, max_grad_norm)
 
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -71,6 +75,23 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 def all_reduce_max(values: list[float]) -> list[float]:
     """Element-wise max of `values` over ranks: e.g. every rank agreeing on the most forwards any rank needs."""
     return _all_reduce(values, dist.ReduceOp.MAX)
+
+
+def rank_share(items: Sequence[T]) -> tuple[list[T], list[bool]]:
+    """This rank's strided share of `items` (rank, rank + world, ...) and which of them are real.
+
+    Every rank gets ceil(N / world) items, the short ones padded by wrapping around to the first items, so every
+    rank runs the same number of forwards over its share: under ZeRO-3 each forward all-gathers parameters on
+    every rank, and uneven counts hang. Padding items are computed and then ignored (`real` is False)."""
+    count, world = len(items), world_size()
+    indices = [rank() + world * k for k in range(-(-count // world))]
+    return [items[i % count] for i in indices], [i < count for i in indices]
+
+
+def agreed_batch_count(local_items: int, micro_batch_size: int) -> int:
+    """The most micro-batches of `micro_batch_size` any rank needs for its `local_items`: every rank runs that
+    many forwards (the short ones idle forwards) when the local counts differ (ZeRO-3 collectives)."""
+    return int(all_reduce_max([float(-(-local_items // micro_batch_size))])[0])
 
 
 class WeightedMeans:

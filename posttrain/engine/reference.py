@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from posttrain.data.cache import cache_root, content_hash, tokenizer_fingerprint
 from posttrain.data.preference import PreferenceExample, collate_pairs
-from posttrain.engine.distributed import barrier, is_main_process, rank, world_size
+from posttrain.engine.distributed import barrier, is_main_process, rank_share, world_size
 from posttrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -140,14 +140,16 @@ def compute_reference_logprobs(
     """Sums for every pair: this rank scores pairs rank, rank + world, ...; the shards are gathered."""
     from posttrain.models.logprobs import pair_logprob_sums
 
-    mine = list(range(rank(), len(examples), world_size()))
+    shared, real = rank_share(range(len(examples)))  # equal forward counts on every rank (ZeRO-3)
     chosen, rejected = [], []
-    for start in range(0, len(mine), micro_batch_size):
-        pairs = [examples[i] for i in mine[start : start + micro_batch_size]]
+    for start in range(0, len(shared), micro_batch_size):
+        pairs = [examples[i] for i in shared[start : start + micro_batch_size]]
         batch = collate_pairs(pairs, packing, pad_token_id).to(device)
         sums = pair_logprob_sums(model, batch)
         chosen += sums[0].cpu().tolist()
         rejected += sums[1].cpu().tolist()
+    mine = [index for index, keep in zip(shared, real) if keep]
+    chosen, rejected = chosen[: len(mine)], rejected[: len(mine)]  # padding comes last
     shards = [(mine, chosen, rejected)]
     if world_size() > 1:
         shards = [None] * world_size()

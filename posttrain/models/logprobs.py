@@ -15,6 +15,7 @@ import torch
 from posttrain.data.batching import collate_packed
 from posttrain.data.chat import IGNORE_INDEX, TokenizedExample
 from posttrain.data.preference import PairBatch, PreferenceExample, collate_pairs
+from posttrain.engine.distributed import agreed_batch_count
 
 
 def model_device(model) -> torch.device:
@@ -72,13 +73,28 @@ def completion_logprob_rows(
     micro_batch_size: int,
     temperature: float = 1.0,
 ) -> list[torch.Tensor]:
-    """Each completion's token log-probs [L_b] under `model` (no grad), `micro_batch_size` completions a forward."""
+    """Each completion's token log-probs [L_b] under `model` (no grad), `micro_batch_size` completions a forward.
+    Ranks whose share is smaller run idle forwards up to the largest count (`agreed_batch_count`): a collective."""
     rows = []
-    for start in range(0, len(examples), micro_batch_size):
-        end = start + micro_batch_size
+    for batch in range(agreed_batch_count(len(examples), micro_batch_size)):
+        start, end = batch * micro_batch_size, (batch + 1) * micro_batch_size
+        if start >= len(examples):
+            idle_forward(model)
+            continue
         logprobs, _, mask = completion_logprobs(model, examples[start:end], prompt_lengths[start:end], temperature)
         rows += [logprobs[row, : int(mask[row].sum())] for row in range(len(logprobs))]
     return rows
+
+
+def idle_example(token_id: int = 0) -> TokenizedExample:
+    """A two-token dummy sequence with one target: what a rank with no data of its own feeds a forward."""
+    return TokenizedExample([token_id, token_id], [IGNORE_INDEX, token_id])
+
+
+@torch.no_grad()
+def idle_forward(model) -> None:
+    """A forward on `idle_example()` whose result is dropped: keeps this rank in step with the others' forwards."""
+    completion_logprobs(model, [idle_example()], [1])
 
 
 def padded_rows(rows: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:

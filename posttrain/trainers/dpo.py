@@ -20,7 +20,7 @@ import torch
 from posttrain.data.batching import StepPlan
 from posttrain.data.preference import collate_pairs, first_divergent_step, separator_tokens
 from posttrain.engine import backend
-from posttrain.engine.distributed import WeightedMeans, all_reduce_sum, rank, world_size
+from posttrain.engine.distributed import WeightedMeans, all_reduce_sum, rank, rank_share, world_size
 from posttrain.engine.export import export_hf
 from posttrain.errors import ConfigError
 from posttrain.losses import PAIR_LOSSES
@@ -163,19 +163,20 @@ class DPO:
         if not self.eval_examples:
             return {}
         self.engine.eval()
-        mine = list(range(rank(), len(self.eval_examples), world_size()))
+        mine, real = rank_share(range(len(self.eval_examples)))  # equal forward counts; padding pairs weigh 0
         totals = [0.0, 0.0, 0.0, 0.0]  # loss * pairs, accuracy, likelihood accuracy, pairs
-        for start in range(0, len(mine), self.cfg.train.micro_batch_size):
-            indices = mine[start : start + self.cfg.train.micro_batch_size]
+        size = self.cfg.train.micro_batch_size
+        for start in range(0, len(mine), size):
+            indices, weights = mine[start : start + size], torch.tensor(real[start : start + size], dtype=torch.float)
             _, inputs = self.pair_inputs("eval", indices)
-            loss, _ = self.family_loss(inputs)
-            for i in range(len(indices)):  # one pair at a time: the sign of its implicit-reward margin
-                _, metrics = self.family_loss(tuple(None if t is None else t[i : i + 1] for t in inputs))
+            for i in range(len(indices)):  # one pair at a time: its loss and the sign of its implicit-reward margin
+                loss, metrics = self.family_loss(tuple(None if t is None else t[i : i + 1] for t in inputs))
                 margin = float(metrics["rewards/margin"])
-                totals[1] += 1.0 if margin > 0 else 0.5 if margin == 0 else 0.0
-            totals[2] += float((inputs[0] / inputs[4] > inputs[1] / inputs[5]).sum())
-            totals[0] += float(loss) * len(indices)
-            totals[3] += len(indices)
+                totals[0] += float(loss) * float(weights[i])
+                totals[1] += (1.0 if margin > 0 else 0.5 if margin == 0 else 0.0) * float(weights[i])
+            logp_right = (inputs[0] / inputs[4] > inputs[1] / inputs[5]).float().cpu()
+            totals[2] += float((logp_right * weights).sum())
+            totals[3] += float(weights.sum())
         self.engine.train()
         loss, accuracy, logp_accuracy, pairs = all_reduce_sum(totals)
         return {

@@ -19,7 +19,7 @@ import torch
 from posttrain.data.batching import StepPlan
 from posttrain.data.preference import PairBatch, collate_pairs
 from posttrain.engine import backend
-from posttrain.engine.distributed import all_reduce_sum, barrier, is_main_process, rank, world_size
+from posttrain.engine.distributed import all_reduce_sum, barrier, is_main_process, rank, rank_share, world_size
 from posttrain.engine.export import gathered_parameters
 from posttrain.errors import ConfigError
 from posttrain.losses import REWARD_MODEL_LOSSES
@@ -120,16 +120,18 @@ class RewardModelTrainer:
         if not self.eval_examples:
             return {}
         self.engine.eval()
-        mine = self.eval_examples[rank() :: world_size()]
+        mine, real = rank_share(self.eval_examples)  # equal forward counts on every rank; padding pairs weigh 0
         totals = [0.0, 0.0, 0.0]  # loss * pairs, accuracy, pairs
-        for start in range(0, len(mine), self.cfg.train.micro_batch_size):
-            pairs = mine[start : start + self.cfg.train.micro_batch_size]
+        size = self.cfg.train.micro_batch_size
+        for start in range(0, len(mine), size):
+            pairs, weights = mine[start : start + size], torch.tensor(real[start : start + size], dtype=torch.float)
             chosen, rejected, gate = self.head_outputs(pairs)
-            loss, _ = self.loss(chosen, rejected, gate)
-            scores = pair_scores(chosen, rejected, gate, self.cfg.algo.head)
-            totals[0] += float(loss) * len(pairs)
-            totals[1] += float((scores > 0).sum() + 0.5 * (scores == 0).sum())
-            totals[2] += len(pairs)
+            for i in range(len(pairs)):
+                loss, _ = self.loss(*(None if t is None else t[i : i + 1] for t in (chosen, rejected, gate)))
+                totals[0] += float(loss) * float(weights[i])
+            scores = pair_scores(chosen, rejected, gate, self.cfg.algo.head).float().cpu()
+            totals[1] += float((((scores > 0).float() + 0.5 * (scores == 0).float()) * weights).sum())
+            totals[2] += float(weights.sum())
         self.engine.train()
         loss, accuracy, pairs = all_reduce_sum(totals)
         return {"eval_loss": loss / pairs, "eval_accuracy": accuracy / pairs}

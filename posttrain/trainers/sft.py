@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 
 from posttrain.data.batching import StepPlan, collate, count_target_tokens
-from posttrain.data.chat import IGNORE_INDEX
+from posttrain.data.chat import IGNORE_INDEX, TokenizedExample
 from posttrain.data.loading import load_rows
 from posttrain.data.sft import build_sft_examples
 from posttrain.engine import backend
-from posttrain.engine.distributed import all_reduce_sum, rank, world_size
+from posttrain.engine.distributed import all_reduce_sum, rank, rank_share, world_size
 from posttrain.engine.export import export_hf
 from posttrain.errors import ConfigError
 from posttrain.losses.sft import REDUCTIONS, sft_loss
@@ -105,13 +105,16 @@ class SFT:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Token-mean NLL over the eval examples (each rank a strided share)."""
+        """Token-mean NLL over the eval examples (each rank a strided share, padded to equal forward counts)."""
         if not self.eval_examples:
             return {}
         self.engine.eval()
         nll, tokens = 0.0, 0
         size = self.cfg.train.micro_batch_size
-        mine = self.eval_examples[rank() :: world_size()]
+        mine, real = rank_share(self.eval_examples)  # equal counts on every rank; padding carries no targets
+        mine = [
+            e if keep else TokenizedExample(e.input_ids, [IGNORE_INDEX] * len(e.labels)) for e, keep in zip(mine, real)
+        ]
         for start in range(0, len(mine), size):
             examples = mine[start : start + size]
             collated = collate(examples, self.cfg.data.packing, self.tokenizer.pad_token_id)

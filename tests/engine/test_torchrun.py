@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from helpers import cli_env, run_posttrain
 
 from posttrain.engine.distributed import free_port
@@ -53,3 +54,74 @@ def test_two_process_zero_matches_single_process(zero, tmp_path, single_process_
     assert losses[-1] < losses[0]
     assert (run_dir / "checkpoints" / "step_6" / "rng_rank1.pt").exists()
     assert (run_dir / "final" / "model.safetensors").exists()
+
+
+def torchrun(*overrides, timeout=600):
+    """`posttrain` under torchrun, 2 CPU processes; a hang fails the test at `timeout` instead of blocking CI."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    result = subprocess.run(
+        [*command, "-m", "posttrain", *overrides], env=cli_env(), capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+DPO_ARGS = [
+    "algo=dpo",
+    "data=arithmetic_preference",
+    "data.num_train=48",
+    "data.num_eval=15",  # 8 and 7 pairs per rank: uneven eval shares and reference-cache shards
+    "algo.reference.micro_batch_size=3",
+    "train.max_steps=3",
+    "train.eval_every=3",
+    "optim.lr=1e-2",
+    "optim.warmup_ratio=0",
+    "logger.progress_bar=false",
+]
+
+
+def test_zero3_dpo_reference_cache_and_uneven_eval_match_single_process(tmp_path):
+    single = run_posttrain(
+        f"run_dir={tmp_path / 'single'}", f"algo.reference.cache_dir={tmp_path / 'cache1'}",
+        "train.micro_batch_size=8", *DPO_ARGS,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr[-2000:]
+    torchrun(
+        f"run_dir={tmp_path / 'zero3'}", f"algo.reference.cache_dir={tmp_path / 'cache2'}", "deepspeed=zero3",
+        "train.micro_batch_size=4", *DPO_ARGS,
+    )  # fmt: skip
+    for split in sorted(path.name for path in (tmp_path / "cache1").glob("*.pt")):
+        expected, got = (torch.load(tmp_path / cache / split, weights_only=True) for cache in ("cache1", "cache2"))
+        assert torch.allclose(expected["chosen"], got["chosen"], rtol=1e-5)
+        assert torch.allclose(expected["rejected"], got["rejected"], rtol=1e-5)
+    assert len(list((tmp_path / "cache2").glob("*.pt"))) == 2  # train and eval
+    one, two = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "zero3")
+    for key in ("loss", "eval_loss", "eval_logp_accuracy"):
+        assert [m[key] for m in two if key in m] == pytest.approx([m[key] for m in one if key in m], rel=1e-4), key
+    # At step 0 policy = reference: every margin is 0 up to float noise, which a different forward layout tips
+    # either way (ties count 1/2); after training the margins are real.
+    assert two[-1]["eval_accuracy"] == pytest.approx(one[-1]["eval_accuracy"])
+
+
+def test_zero3_rlvr_with_groups_dropped_unevenly_matches_zero2(tmp_path):
+    """A KL reference and two epochs per rollout batch (so the old-log-prob pass runs) from a model that solves
+    some prompts: kept groups differ between the two ranks; ZeRO-3 must finish and match ZeRO-2."""
+    sft = tmp_path / "sft"
+    result = run_posttrain(
+        f"run_dir={sft}", "train.max_steps=300", "optim.lr=3e-3", "data.num_eval=0", "logger.progress_bar=false"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rlvr = [
+        "recipe=tiny_rlvr", f"model.path={sft / 'final'}", "rollout.backend=hf", "algo.kl_beta=0.05",
+        "algo.epochs_per_batch=2", "algo.prompts_per_step=8", "algo.sampling.n=4", "algo.sampling.temperature=1.0",
+        "train.max_steps=8",
+        "data.num_eval=5", "train.eval_every=4", "logger.progress_bar=false",
+    ]  # fmt: skip
+    for zero in ("zero2", "zero3"):
+        torchrun(f"run_dir={tmp_path / zero}", f"deepspeed={zero}", *rlvr)
+    two, three = read_metrics(tmp_path / "zero2"), read_metrics(tmp_path / "zero3")
+    kept = [round(m["groups_kept_fraction"] * 8) for m in three if "groups_kept_fraction" in m]
+    assert any(k % 2 for k in kept), f"no step kept an odd number of groups (so none was uneven): {kept}"
+    for key in ("reward_mean", "groups_kept_fraction", "eval_greedy_accuracy"):
+        assert [m[key] for m in three if key in m] == [m[key] for m in two if key in m], key
+    for key in ("kl", "clip_fraction"):
+        assert [m[key] for m in three if key in m] == pytest.approx([m[key] for m in two if key in m], abs=1e-4), key
