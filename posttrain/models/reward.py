@@ -37,6 +37,7 @@ from posttrain.data.chat import render_ids
 from posttrain.data.preference import PreferenceExample, collate_pairs, tokenize_response
 from posttrain.errors import ConfigError
 from posttrain.losses.preference import gpm_score, gpm_score_matrix
+from posttrain.models.attention import resolve_attn_implementation
 from posttrain.models.loading import tiny_llama_config, torch_dtype
 
 HEAD_FILE = "reward_head.json"
@@ -126,6 +127,7 @@ def score_matrix(values: torch.Tensor, gate: torch.Tensor | None, head: str) -> 
 def build_reward_model(model_cfg, tokenizer, seed: int, head_config: RewardHeadConfig) -> RewardModel:
     """Decoder from `model.path` (a causal LM or reward model dir) or the tiny config; a fresh head seeded by `seed`."""
     dtype = torch_dtype(model_cfg.dtype)
+    attn_implementation = resolve_attn_implementation(model_cfg.attn_implementation)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if model_cfg.path:
@@ -134,13 +136,13 @@ def build_reward_model(model_cfg, tokenizer, seed: int, head_config: RewardHeadC
                 num_labels=head_config.output_dim,
                 dtype=dtype,
                 ignore_mismatched_sizes=True,
-                attn_implementation=model_cfg.attn_implementation,
+                attn_implementation=attn_implementation,
                 trust_remote_code=model_cfg.trust_remote_code,
             )
         else:
             config = tiny_llama_config(model_cfg.tiny, tokenizer)
             config.num_labels = head_config.output_dim
-            config._attn_implementation = model_cfg.attn_implementation
+            config._attn_implementation = attn_implementation
             classifier = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
         nn.init.normal_(classifier.score.weight, std=classifier.config.hidden_size**-0.5)  # seeded, O(1) outputs
         model = RewardModel(classifier, head_config)
