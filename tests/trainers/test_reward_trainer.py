@@ -126,9 +126,11 @@ def test_gpm_on_cyclic_preferences_where_bradley_terry_cannot_exceed_two_thirds(
     assert gpm >= 0.95
 
 
-def test_lora_reward_model_trains_adapters_and_the_full_head_and_exports_a_merged_model(tmp_path):
+@pytest.mark.parametrize("zero", ["zero0", "zero3"])
+def test_lora_reward_model_trains_adapters_and_the_full_head_and_exports_a_merged_model(tmp_path, zero):
     """peft=lora: the decoder trains only through adapters (its embedding, not a LoRA target, stays as initialised),
-    the new value head trains in full, the loss on a repeated small set falls, and final/ is a plain merged model."""
+    the new value head trains in full, the loss on a repeated small set falls, and final/ is a plain merged model
+    (under ZeRO-3 too: the partitioned adapters, base and head are gathered for the merge)."""
     import torch
     from safetensors.torch import load_file
 
@@ -137,6 +139,7 @@ def test_lora_reward_model_trains_adapters_and_the_full_head_and_exports_a_merge
     overrides = [
         *ARITHMETIC,
         "peft=lora",
+        f"deepspeed={zero}",
         "data.num_train=16",
         "data.num_eval=0",
         "train.micro_batch_size=8",
