@@ -1,7 +1,8 @@
 """The one entry point: `posttrain <hydra overrides>` and `python -m posttrain`.
 
 `algo=` picks the trainer. The same command runs single-process, under `torchrun` or under the
-`deepspeed` launcher, and `-m` sweeps (e.g. `posttrain -m optim.lr=1e-4,3e-4`). The tools in
+`deepspeed` launcher, and `-m` sweeps (e.g. `posttrain -m optim.lr=1e-4,3e-4`: each job its own process, see
+posttrain/sweep.py; with `hydra/launcher=submitit_slurm` through Hydra's submitit plugin). The tools in
 SUBCOMMANDS take ordinary flags instead: `posttrain decontaminate --train ...`, `posttrain eval --model ...`.
 """
 
@@ -14,10 +15,14 @@ from pathlib import Path
 CONF_DIR = Path(os.environ.get("POSTTRAIN_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
 
 
-def _prepare_environment() -> None:
-    """Defaults that must be in place before torch / deepspeed / wandb are imported."""
+def _prepare_environment(multirun: bool = False) -> None:
+    """Defaults that must be in place before torch / deepspeed / wandb are imported. A sweep's launching process
+    does not pick the DeepSpeed accelerator: its jobs inherit the environment and may run on other machines
+    (a Slurm login node has no GPU; its jobs do)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("WANDB_SILENT", "true")
+    if multirun:
+        return
     if not os.environ.get("CUDA_VISIBLE_DEVICES", "x") or not _has_cuda():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -65,10 +70,32 @@ def run_subcommand(name: str, argv: list[str]) -> int:
         return 2
 
 
+def strip_local_rank(argv: list[str]) -> list[str]:
+    """`argv` without the `--local_rank=N` / `--local_rank N` the DeepSpeed launcher appends (unless started with
+    --no_local_rank, as launch/deepspeed.sh does): Hydra would reject it. The rank also arrives as LOCAL_RANK."""
+    out, index = [], 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        elif arg in ("--local_rank", "--local-rank") and index + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[index + 1])
+            index += 1
+        else:
+            out.append(arg)
+        index += 1
+    return out
+
+
 def main() -> None:
-    _prepare_environment()
+    sys.argv = [sys.argv[0], *strip_local_rank(sys.argv[1:])]
+    _prepare_environment(multirun=any(arg in ("-m", "--multirun") for arg in sys.argv[1:]))
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
         sys.exit(run_subcommand(sys.argv[1], sys.argv[2:]))
+    from posttrain.sweep import is_local_sweep, run_sweep
+
+    if is_local_sweep(sys.argv[1:]):
+        sys.exit(run_sweep(sys.argv[1:]))
     import hydra
 
     from posttrain.config import register_configs

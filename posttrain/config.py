@@ -34,7 +34,9 @@ class ModelConfig:
     path: str | None = None  # hub name or local dir; null builds the tiny model from `tiny`
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     dtype: str = "float32"  # float32 | bfloat16 | float16
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (GPU)
+    attn_implementation: str = (
+        "sdpa"  # auto (flash_attention_2 on a GPU with flash_attn, else sdpa) | sdpa | eager | ...
+    )
     fused_logprobs: bool = True  # log-probs through the fused csrc/ kernel (no [tokens, vocab] logits)
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
@@ -124,6 +126,10 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     eval_every: int = 0  # optimizer steps between held-out evaluations (0: only at the start and the end)
     eval_at_start: bool = True  # evaluate before the first step (the baseline of every eval curve)
+    # The number of ranks the batch settings were written for (a recipe's published effective batch is
+    # micro_batch_size x gradient_accumulation_steps x assumed_world_size); a run on another world size warns
+    # with the accumulation that would restore it. null: no assumption.
+    assumed_world_size: int | None = None
 
 
 @dataclass

@@ -8,6 +8,70 @@ def recipe(name, tmp_path):
     return compose_config([f"recipe={name}", f"run_dir={tmp_path}"])
 
 
+def effective_batch(cfg) -> int:
+    """Examples (pairs) per optimizer step, from the recipe's own fields."""
+    train = cfg.train
+    return train.micro_batch_size * train.gradient_accumulation_steps * train.assumed_world_size
+
+
+# The published effective batch of each Tülu 3 recipe (REFERENCE.md section 1; Lambert et al. 2024).
+PUBLISHED_EFFECTIVE_BATCH = {
+    "tulu3_8b_sft": 128,
+    "tulu3_70b_sft": 128,
+    "tulu3_8b_dpo": 128,
+    "tulu3_70b_dpo": 128,
+    "tulu3_8b_rm": 256,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_EFFECTIVE_BATCH))
+def test_recipe_effective_batch_is_the_published_one(tmp_path, name):
+    cfg = recipe(name, tmp_path)
+    assert cfg.train.assumed_world_size is not None, f"{name} must state the world size its batch assumes"
+    assert effective_batch(cfg) == PUBLISHED_EFFECTIVE_BATCH[name]
+
+
+def test_every_tulu3_recipe_states_its_world_size(tmp_path):
+    from posttrain.cli import CONF_DIR
+
+    names = sorted(path.stem for path in (CONF_DIR / "recipe").glob("tulu3_*.yaml") if path.stem != "tulu3_8b_pipeline")
+    assert set(PUBLISHED_EFFECTIVE_BATCH) <= set(names)
+    for name in names:
+        cfg = recipe(name, tmp_path)
+        assert cfg.train.assumed_world_size in (8, 64), name
+        if cfg.algo.name == "rlvr":  # the rollout batch is split over the ranks
+            assert cfg.algo.prompts_per_step % cfg.train.assumed_world_size == 0, name
+
+
+def test_70b_sft_runs_on_64_ranks_with_accumulation_2(tmp_path):
+    cfg = recipe("tulu3_70b_sft", tmp_path)
+    assert (cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, cfg.train.assumed_world_size) == (
+        1,
+        2,
+        64,
+    )
+
+
+def test_tulu3_rm_published_numbers(tmp_path):
+    cfg = recipe("tulu3_8b_rm", tmp_path)
+    assert (cfg.algo.name, cfg.algo.head, cfg.model.path) == ("rm", "bt", "allenai/Llama-3.1-Tulu-3-8B-SFT")
+    assert (cfg.optim.lr, cfg.optim.scheduler, cfg.optim.max_grad_norm) == (3e-6, "linear", 1.0)
+    assert (cfg.train.epochs, cfg.data.max_length, cfg.deepspeed.zero_stage) == (1, 2048, 3)
+
+
+@pytest.mark.parametrize(
+    "world, expected",
+    [(8, None), (16, "effective batch 256; train.gradient_accumulation_steps=8 restores 128"), (3, "batch 48")],
+)
+def test_a_run_on_another_world_size_names_the_accumulation_that_restores_the_batch(tmp_path, world, expected):
+    from posttrain.engine.backend import world_size_mismatch
+
+    message = world_size_mismatch(recipe("tulu3_8b_sft", tmp_path).train, world)
+    assert message == expected if expected is None else expected in message
+    if world == 3:  # 128 is not a multiple of 3 ranks: no accumulation restores it, none is suggested
+        assert "restores" not in message
+
+
 @pytest.mark.parametrize(
     "name, base, lr, seed",
     [("tulu3_8b_sft", "meta-llama/Llama-3.1-8B", 5e-6, 123), ("tulu3_70b_sft", "meta-llama/Llama-3.1-70B", 2e-6, 456)],
@@ -22,7 +86,7 @@ def test_tulu3_sft(tmp_path, name, base, lr, seed):
         0.0,
     )
     assert (cfg.train.epochs, cfg.data.max_length, cfg.deepspeed.zero_stage) == (2, 4096, 3)
-    assert cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * 8 == 128
+    assert effective_batch(cfg) == 128
 
 
 def test_tulu31_rlvr_grpo(tmp_path):

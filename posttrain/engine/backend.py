@@ -6,6 +6,7 @@ optimizer step (see `posttrain.losses.sft`), so `backward` is called with scale_
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -14,11 +15,33 @@ from posttrain.engine.distributed import world_size
 from posttrain.engine.schedule import build_scheduler
 from posttrain.errors import ConfigError
 
+log = logging.getLogger("posttrain")
+
+
+def world_size_mismatch(train_cfg, world: int) -> str | None:
+    """A warning when `train.assumed_world_size` (the ranks a recipe's batch was written for) is not `world`:
+    the effective batch then differs from the recipe's; the message names the accumulation that restores it."""
+    assumed = train_cfg.assumed_world_size
+    if assumed is None or assumed == world:
+        return None
+    micro, accum = train_cfg.micro_batch_size, train_cfg.gradient_accumulation_steps
+    intended = micro * accum * assumed
+    message = (
+        f"the batch settings assume {assumed} ranks (effective batch {micro} x {accum} x {assumed} = {intended}); "
+        f"this run has {world}: effective batch {micro * accum * world}"
+    )
+    if intended % (micro * world) == 0:
+        message += f"; train.gradient_accumulation_steps={intended // (micro * world)} restores {intended}"
+    return message
+
 
 def deepspeed_config(ds_cfg, train_cfg, optim_cfg, dtype: str) -> dict[str, Any]:
     """The DeepSpeed JSON config for `deepspeed.*`, `train.*` and `optim.*`."""
     if ds_cfg.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage={ds_cfg.zero_stage} must be 0, 1, 2 or 3")
+    mismatch = world_size_mismatch(train_cfg, world_size())
+    if mismatch:
+        log.warning(mismatch)
     zero: dict[str, Any] = {"stage": ds_cfg.zero_stage}
     if ds_cfg.zero_stage == 3:
         # Keep every parameter gathered-on-demand; collect the full 16-bit weights on save.

@@ -19,6 +19,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def export_submitit_environment() -> None:
+    """In a submitit job of several tasks (`hydra/launcher=slurm`: one task per GPU), each task's RANK, LOCAL_RANK,
+    WORLD_SIZE, MASTER_ADDR and MASTER_PORT from submitit's view of the Slurm job (torchrun sets them otherwise)."""
+    if "WORLD_SIZE" in os.environ or not os.environ.get("SUBMITIT_EXECUTOR"):
+        return
+    import submitit
+
+    if submitit.JobEnvironment().num_tasks > 1:
+        # Every task keeps all of the node's GPUs visible: DeepSpeed picks cuda:LOCAL_RANK.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def init_distributed() -> None:
     """Initialise torch.distributed through DeepSpeed: NCCL on GPUs, gloo on CPU.
 
@@ -26,6 +38,7 @@ def init_distributed() -> None:
     """
     if dist.is_available() and dist.is_initialized():
         return
+    export_submitit_environment()
     if "WORLD_SIZE" not in os.environ:  # no launcher: a world of one on a fresh local port
         os.environ.update(
             RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
 from posttrain.errors import ConfigError
+from posttrain.models.attention import resolve_attn_implementation
 from posttrain.models.tokenizer import CHAT_TEMPLATE, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -80,16 +81,17 @@ def tiny_llama_config(tiny_cfg, tokenizer: PreTrainedTokenizerBase) -> LlamaConf
 def load_model(model_cfg, tokenizer: PreTrainedTokenizerBase, seed: int) -> torch.nn.Module:
     """The causal LM for `model_cfg` (initialised deterministically from `seed` when built from config)."""
     dtype = torch_dtype(model_cfg.dtype)
+    attn_implementation = resolve_attn_implementation(model_cfg.attn_implementation)
     if model_cfg.path:
         model = AutoModelForCausalLM.from_pretrained(
             model_cfg.path,
             dtype=dtype,
-            attn_implementation=model_cfg.attn_implementation,
+            attn_implementation=attn_implementation,
             trust_remote_code=model_cfg.trust_remote_code,
         )
     else:
         config = tiny_llama_config(model_cfg.tiny, tokenizer)
-        config._attn_implementation = model_cfg.attn_implementation
+        config._attn_implementation = attn_implementation
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)

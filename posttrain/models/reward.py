@@ -9,6 +9,9 @@
 BT is the GPM with v = [r, 1]: `preference_embedding` maps BT rewards to that form, so one scoring
 path (`pair_scores`, `score_matrix`) serves both heads.
 
+With LoRA (`peft=lora`), adapters go on the decoder's projections and the head (and gate) stay fully trainable;
+the saved directory holds the merged model (adapters folded into the decoder weights), in the same format.
+
 Saved format (`save_reward_model`, loaded back by `load_reward_model`): a transformers
 sequence-classification directory (e.g. `LlamaForSequenceClassification`, num_labels = 1 for BT or 2k
 for GPM, whose bias-free `score` layer IS the head), so `AutoModelForSequenceClassification
@@ -37,7 +40,9 @@ from posttrain.data.chat import render_ids
 from posttrain.data.preference import PreferenceExample, collate_pairs, tokenize_response
 from posttrain.errors import ConfigError
 from posttrain.losses.preference import gpm_score, gpm_score_matrix
+from posttrain.models.attention import resolve_attn_implementation
 from posttrain.models.loading import tiny_llama_config, torch_dtype
+from posttrain.models.logprob_model import base_causal_lm
 
 HEAD_FILE = "reward_head.json"
 GATE_FILE = "prompt_gate.safetensors"
@@ -66,32 +71,39 @@ class RewardHeadConfig:
 
 
 class RewardModel(nn.Module):
-    """`classifier` (a transformers *ForSequenceClassification: decoder `base_model` + head `score`) and the
-    optional prompt gate. forward -> (values [n, 1 or 2k] float32, gate [n, k] or None)."""
+    """`classifier` (a transformers *ForSequenceClassification: decoder `base_model` + head `score`, possibly
+    inside a PEFT LoRA wrapper) and the optional prompt gate. forward -> (values [n, 1 or 2k] float32, gate [n, k]
+    or None)."""
 
     def __init__(self, classifier: nn.Module, head_config: RewardHeadConfig):
         super().__init__()
         self.classifier = classifier
         self.head_config = head_config
-        if not isinstance(getattr(classifier, "score", None), nn.Linear):
-            raise ConfigError(
-                f"{type(classifier).__name__} has no linear `score` head; posttrain reward models need one"
-            )
-        hidden = classifier.score.in_features
+        score = getattr(self.sequence_classifier, "score", None)
+        if not isinstance(score, nn.Linear):
+            name = type(self.sequence_classifier).__name__
+            raise ConfigError(f"{name} has no linear `score` head; posttrain reward models need one")
         blocks = head_config.embed_dim // 2
         self.gate = (
-            nn.Linear(hidden, blocks, bias=False, dtype=classifier.score.weight.dtype)
+            nn.Linear(score.in_features, blocks, bias=False, dtype=score.weight.dtype)
             if head_config.prompt_gate
             else None
         )
 
+    @property
+    def sequence_classifier(self) -> nn.Module:
+        """The transformers *ForSequenceClassification (inside the LoRA wrapper, if any)."""
+        return base_causal_lm(self.classifier)
+
     def forward(self, input_ids, last_index, prompt_index=None, position_ids=None, attention_mask=None):
         """Head outputs at flat token indices `last_index` ([n], into the flattened [B * T] token axis;
         the gate reads `prompt_index`). Packed rows ([1, N] with restarting position_ids) or padded [B, T]."""
-        decoder = self.classifier.base_model
-        output = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)
+        classifier = self.sequence_classifier
+        output = classifier.base_model(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
+        )
         hidden = output.last_hidden_state.reshape(-1, output.last_hidden_state.shape[-1])
-        values = self.classifier.score(hidden[last_index]).float()
+        values = classifier.score(hidden[last_index]).float()
         if self.head_config.head == "gpm" and self.head_config.normalize:
             values = F.normalize(values, dim=-1)
         gate = None
@@ -123,9 +135,11 @@ def score_matrix(values: torch.Tensor, gate: torch.Tensor | None, head: str) -> 
     return gpm_score_matrix(embeddings, None if gate is None else gate.reshape(1, -1))[0]
 
 
-def build_reward_model(model_cfg, tokenizer, seed: int, head_config: RewardHeadConfig) -> RewardModel:
-    """Decoder from `model.path` (a causal LM or reward model dir) or the tiny config; a fresh head seeded by `seed`."""
+def build_reward_model(model_cfg, tokenizer, seed: int, head_config: RewardHeadConfig, peft_cfg=None) -> RewardModel:
+    """Decoder from `model.path` (a causal LM or reward model dir) or the tiny config; a fresh head seeded by `seed`.
+    With `peft_cfg.enabled`: LoRA adapters on the decoder (its base weights frozen), the head and gate in full."""
     dtype = torch_dtype(model_cfg.dtype)
+    attn_implementation = resolve_attn_implementation(model_cfg.attn_implementation)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if model_cfg.path:
@@ -134,13 +148,13 @@ def build_reward_model(model_cfg, tokenizer, seed: int, head_config: RewardHeadC
                 num_labels=head_config.output_dim,
                 dtype=dtype,
                 ignore_mismatched_sizes=True,
-                attn_implementation=model_cfg.attn_implementation,
+                attn_implementation=attn_implementation,
                 trust_remote_code=model_cfg.trust_remote_code,
             )
         else:
             config = tiny_llama_config(model_cfg.tiny, tokenizer)
             config.num_labels = head_config.output_dim
-            config._attn_implementation = model_cfg.attn_implementation
+            config._attn_implementation = attn_implementation
             classifier = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
         nn.init.normal_(classifier.score.weight, std=classifier.config.hidden_size**-0.5)  # seeded, O(1) outputs
         model = RewardModel(classifier, head_config)
@@ -149,6 +163,11 @@ def build_reward_model(model_cfg, tokenizer, seed: int, head_config: RewardHeadC
     classifier.config.pad_token_id = tokenizer.pad_token_id
     if model_cfg.gradient_checkpointing:
         classifier.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if peft_cfg is not None and peft_cfg.enabled:
+        from posttrain.models.lora import wrap_lora
+
+        model.classifier = wrap_lora(classifier, peft_cfg, task_type=None)
+        classifier.score.requires_grad_(True)  # the value head is new: it trains in full, never through adapters
     return model
 
 
@@ -158,13 +177,18 @@ def save_reward_model(
     """Write the format of the module docstring atomically (a staging dir renamed into place).
 
     `state` is the full RewardModel state dict (gathered under ZeRO-3 by the caller); default: the module's.
+    A LoRA reward model is written merged (adapters folded into the decoder weights): the same format.
     """
     state = state if state is not None else {name: t.detach().cpu() for name, t in model.state_dict().items()}
     out_dir = Path(out_dir)
     staging = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(staging, ignore_errors=True)
     classifier_state = {name[len("classifier.") :]: t for name, t in state.items() if name.startswith("classifier.")}
-    model.classifier.save_pretrained(str(staging), state_dict=classifier_state, safe_serialization=True)
+    if hasattr(model.classifier, "peft_config"):
+        from posttrain.engine.export import merged_lora_state_dict
+
+        classifier_state = merged_lora_state_dict(model.classifier, classifier_state)
+    model.sequence_classifier.save_pretrained(str(staging), state_dict=classifier_state, safe_serialization=True)
     tokenizer.save_pretrained(str(staging))
     (staging / HEAD_FILE).write_text(json.dumps(asdict(model.head_config), indent=2))
     if model.gate is not None:

@@ -2,7 +2,8 @@
 
 Each micro-batch runs chosen and rejected responses in one forward (`collate_pairs`); the head reads the last
 token of each (and, for the GPM gate, the last prompt token); the loss is the head's member of
-posttrain.losses.REWARD_MODEL_LOSSES. `final/` is a reward-model directory that
+posttrain.losses.REWARD_MODEL_LOSSES. With `peft=lora` the decoder trains through LoRA adapters while the
+head (and gate) train in full; `final/` then holds the merged model. `final/` is a reward-model directory that
 `posttrain.models.reward.load_reward_model` (and, for the decoder + head, transformers'
 AutoModelForSequenceClassification) loads.
 """
@@ -21,7 +22,6 @@ from posttrain.data.preference import PairBatch, collate_pairs
 from posttrain.engine import backend
 from posttrain.engine.distributed import all_reduce_sum, barrier, is_main_process, rank, rank_share, world_size
 from posttrain.engine.export import gathered_parameters
-from posttrain.errors import ConfigError
 from posttrain.losses import REWARD_MODEL_LOSSES
 from posttrain.models.reward import RewardHeadConfig, build_reward_model, pair_scores, save_reward_model
 from posttrain.trainers import register_algo
@@ -52,8 +52,6 @@ def head_config(algo) -> RewardHeadConfig:
 def check_config(cfg) -> None:
     REWARD_MODEL_LOSSES.get(cfg.algo.head, "algo.head")
     head_config(cfg.algo)  # a bad embed_dim / gate combination fails now, before any data is read
-    if cfg.peft.enabled:
-        raise ConfigError("algo=rm does not support peft yet (the score head must train in full); set peft=none")
 
 
 @register_algo("rm", schema=RewardAlgoConfig, curve=("accuracy", "loss"), check=check_config)
@@ -63,7 +61,7 @@ class RewardModelTrainer:
         self.train_examples, self.eval_examples = load_preference_data(run)
         self.tokenizer = run.tokenizer
         run.commit()
-        model = build_reward_model(cfg.model, self.tokenizer, cfg.seed, head_config(cfg.algo))
+        model = build_reward_model(cfg.model, self.tokenizer, cfg.seed, head_config(cfg.algo), cfg.peft)
         train = cfg.train
         self.plan = StepPlan(
             train.micro_batch_size, train.gradient_accumulation_steps, world_size(), len(self.train_examples), cfg.seed

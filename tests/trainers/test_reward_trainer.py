@@ -124,3 +124,41 @@ def test_gpm_on_cyclic_preferences_where_bradley_terry_cannot_exceed_two_thirds(
     print(f"cyclic held-out accuracy: GPM {gpm:.3f}, BT {bt:.3f}")
     assert bt <= 0.70
     assert gpm >= 0.95
+
+
+@pytest.mark.parametrize("zero", ["zero0", "zero3"])
+def test_lora_reward_model_trains_adapters_and_the_full_head_and_exports_a_merged_model(tmp_path, zero):
+    """peft=lora: the decoder trains only through adapters (its embedding, not a LoRA target, stays as initialised),
+    the new value head trains in full, the loss on a repeated small set falls, and final/ is a plain merged model
+    (under ZeRO-3 too: the partitioned adapters, base and head are gathered for the merge)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from posttrain.models.reward import RewardHeadConfig, build_reward_model, load_reward_model
+
+    overrides = [
+        *ARITHMETIC,
+        "peft=lora",
+        f"deepspeed={zero}",
+        "data.num_train=16",
+        "data.num_eval=0",
+        "train.micro_batch_size=8",
+        "train.epochs=0",
+        "train.max_steps=8",
+        "optim.lr=1e-2",
+        "optim.warmup_ratio=0",
+    ]
+    run_dir = run_rm(tmp_path / "lora", *overrides)
+    losses = [m["loss"] for m in read_metrics(run_dir) if "loss" in m]
+    assert len(losses) == 8
+    assert sum(losses[-2:]) < 0.8 * sum(losses[:2]), losses  # the same 16 pairs every 2 steps: it fits them
+    merged = load_file(str(run_dir / "final" / "model.safetensors"))
+    assert not any("lora" in name or "base_layer" in name for name in merged), "final/ holds plain merged weights"
+    trained, tokenizer = load_reward_model(run_dir / "final")
+    cfg = compose_config([f"run_dir={tmp_path}", *overrides])
+    initial = build_reward_model(cfg.model, tokenizer, cfg.seed, RewardHeadConfig(head="bt"))
+    trained_state, initial_state = trained.classifier.state_dict(), initial.classifier.state_dict()
+    assert torch.equal(trained_state["model.embed_tokens.weight"], initial_state["model.embed_tokens.weight"])
+    assert not torch.equal(trained_state["score.weight"], initial_state["score.weight"])  # the head trained
+    query = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(trained_state[query], initial_state[query])  # the adapters were merged into q_proj
