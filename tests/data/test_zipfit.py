@@ -36,7 +36,7 @@ def test_the_copied_compressor_gives_exactly_the_fresh_compressors_ncd():
     rows = generate_task("arithmetic", "eval", 40, seed=0, steps=True, operations="+")
     target = b"\n".join(row_text(r).encode() for r in rows[:30])
     texts = [row_text(r) for r in rows[30:]] + ["The quick brown fox jumps over the lazy dog.", "x", "é" * 50]
-    scorer = CompressionScorer([target], window_bits=12, mem_level=2)
+    scorer = CompressionScorer([target], level=9, window_bits=12, mem_level=2)
     expected = []
     for text in texts:
         c_t, c_tx, c_x = raw_deflate_sizes(target, text.encode(), 12, 2)
@@ -67,7 +67,7 @@ def mixed_pool():
     return rows, [True] * len(arithmetic) + [False] * (len(rows) - len(arithmetic))
 
 
-@pytest.mark.parametrize("method", ["zipfit", "ngram"])
+@pytest.mark.parametrize("method", ["zipfit", "ngram", "dsir"])
 def test_selection_toward_arithmetic_keeps_arithmetic_rows_first(tmp_path, method):
     rows, is_arithmetic = mixed_pool()
     target = generate_task("arithmetic", "eval", 100, seed=0, steps=True, operations="+")
@@ -79,7 +79,7 @@ def test_selection_toward_arithmetic_keeps_arithmetic_rows_first(tmp_path, metho
     arithmetic_keys = {json.dumps(r, sort_keys=True) for r, a in zip(rows, is_arithmetic) if a}
     precision = sum(json.dumps(r, sort_keys=True) in arithmetic_keys for r in kept) / len(kept)
     print(f"{method}: precision of the kept 200 (200 arithmetic rows among 600) = {precision:.3f}")
-    assert len(kept) == 200 and precision >= 0.95
+    assert len(kept) == 200 and precision >= (0.9 if method == "dsir" else 0.95)
 
 
 def test_scorers_rank_a_near_copy_above_unrelated_text():
