@@ -26,7 +26,7 @@ from posttrain.data.loading import load_rows
 from posttrain.data.preference import collate_pairs
 from posttrain.data.prompts import build_prompt_rows, unique_prompt_rows
 from posttrain.engine import backend
-from posttrain.engine.distributed import all_reduce_sum, rank, world_size
+from posttrain.engine.distributed import all_reduce_max, all_reduce_sum, rank, world_size
 from posttrain.engine.export import export_hf
 from posttrain.errors import ConfigError
 from posttrain.losses import PAIR_LOSSES
@@ -123,10 +123,12 @@ class OnlineDPO:
         scoring_seconds, started = time.perf_counter() - started, time.perf_counter()
         self.engine.eval()  # the previous iterate pi_t as the reference: the pairs' log-probs before the update
         size, packing, pad = self.cfg.train.micro_batch_size, self.cfg.data.packing, self.tokenizer.pad_token_id
-        reference = pair_logprob_sums_no_grad(self.engine, pairs.examples, size, packing, pad)
-        pairs.reference_w, pairs.reference_l = reference
+        mine, kept = len(pairs.examples), all_reduce_sum([float(len(pairs.examples))])[0]
+        most = int(all_reduce_max([float(mine)])[0])  # stand-ins: as many forwards on every rank (ZeRO-3)
+        padded = pairs.examples + [stand_in_pair(self.tokenizer.eos_token_id)] * (most - mine)
+        reference = pair_logprob_sums_no_grad(self.engine, padded, size, packing, pad)
+        pairs.reference_w, pairs.reference_l = (sums[:mine] for sums in reference)
         self.engine.train()
-        kept = all_reduce_sum([float(len(pairs.examples))])[0]
         metrics = self.update(pairs) if kept else {}
         if kept:  # no pairs anywhere (every group tied): no update, nothing to sync
             self.rollout.sync_weights(self.engine)
@@ -178,12 +180,9 @@ class OnlineDPO:
             beta=algo.beta, label_smoothing=algo.label_smoothing, **dict(algo.loss_kwargs),
         )  # fmt: skip
         nll = chosen_nll(policy_w, chosen_lengths)
-        if algo.nll_alpha:
-            loss = loss + algo.nll_alpha * nll
-        metrics.update(loss=loss.detach(), nll=nll.detach(), **{
-            "logps/chosen": (policy_w / chosen_lengths).detach().mean(),
-            "logps/rejected": (policy_l / rejected_lengths).detach().mean(),
-        })  # fmt: skip
+        loss = loss + algo.nll_alpha * nll if algo.nll_alpha else loss
+        metrics.update({"loss": loss.detach(), "nll": nll.detach(), "logps/chosen": (policy_w / chosen_lengths).detach()
+                        .mean(), "logps/rejected": (policy_l / rejected_lengths).detach().mean()})  # fmt: skip
         return loss, metrics
 
     def evaluate(self) -> dict[str, float]:
