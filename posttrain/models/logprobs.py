@@ -41,27 +41,6 @@ def pair_logprob_sums(model, batch: PairBatch, temperature: float = 1.0) -> tupl
     return sums[: batch.num_pairs], sums[batch.num_pairs :]
 
 
-@torch.no_grad()
-def pair_logprob_sums_no_grad(
-    model,
-    pairs: Sequence[PreferenceExample],
-    micro_batch_size: int,
-    packing: bool,
-    pad_token_id: int,
-    temperature: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen [N], rejected [N]) summed response log-probs of N pairs under `model` (no grad), on CPU, float32;
-    `micro_batch_size` pairs a forward. The caller puts the model in eval mode. Self-play trainers use it for
-    log pi_t of the iteration's pairs before the update (the previous iterate as reference)."""
-    chosen, rejected = [torch.zeros(0)], [torch.zeros(0)]
-    for start in range(0, len(pairs), micro_batch_size):
-        batch = collate_pairs(list(pairs[start : start + micro_batch_size]), packing, pad_token_id)
-        sums = pair_logprob_sums(model, batch.to(model_device(model)), temperature)
-        chosen.append(sums[0].float().cpu())
-        rejected.append(sums[1].float().cpu())
-    return torch.cat(chosen), torch.cat(rejected)
-
-
 def completion_logprobs(
     model, examples: Sequence[TokenizedExample], prompt_lengths: Sequence[int], temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

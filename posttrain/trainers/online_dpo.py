@@ -26,19 +26,19 @@ from posttrain.data.loading import load_rows
 from posttrain.data.preference import collate_pairs
 from posttrain.data.prompts import build_prompt_rows, unique_prompt_rows
 from posttrain.engine import backend
-from posttrain.engine.distributed import all_reduce_max, all_reduce_sum, rank, world_size
+from posttrain.engine.distributed import WeightedMeans, all_reduce_max, all_reduce_sum, rank, world_size
 from posttrain.engine.export import export_hf
 from posttrain.errors import ConfigError
 from posttrain.losses import PAIR_LOSSES
 from posttrain.losses.dpo import chosen_nll
-from posttrain.models.logprobs import pair_logprob_sums, pair_logprob_sums_no_grad
+from posttrain.models.logprobs import pair_logprob_rows, pair_logprob_sums
 from posttrain.rollout.config import SamplingConfig
 from posttrain.rollout.oracles import ORACLES, VerifierOracle
 from posttrain.rollout.pairs import SampledPairs, group_statistics, margin_pairs, stand_in_pair
 from posttrain.rollout.samples import grouped_completions, iteration_sampling, rollout_model_dir
 from posttrain.rollout.service import build_rollout_service
 from posttrain.trainers import register_algo
-from posttrain.training import Run, build_engine, policy_module
+from posttrain.training import Run, build_engine, idle_micro_step, policy_module
 
 LOSS_METRICS = ("loss", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected", "nll")
 
@@ -121,14 +121,14 @@ class OnlineDPO:
         targets = self.oracle.targets(prompts, groups)
         pairs = margin_pairs(groups, targets, algo.min_margin)
         scoring_seconds, started = time.perf_counter() - started, time.perf_counter()
-        self.engine.eval()  # the previous iterate pi_t as the reference: the pairs' log-probs before the update
+        # The previous iterate pi_t as the reference: the pairs' log-probs before the update. Stand-in pairs give
+        # every rank as many forwards (ZeRO-3 gathers parameters in each).
         size, packing, pad = self.cfg.train.micro_batch_size, self.cfg.data.packing, self.tokenizer.pad_token_id
         mine, kept = len(pairs.examples), all_reduce_sum([float(len(pairs.examples))])[0]
-        most = int(all_reduce_max([float(mine)])[0])  # stand-ins: as many forwards on every rank (ZeRO-3)
+        most = int(all_reduce_max([float(mine)])[0])
         padded = pairs.examples + [stand_in_pair(self.tokenizer.eos_token_id)] * (most - mine)
-        reference = pair_logprob_sums_no_grad(self.engine, padded, size, packing, pad)
-        pairs.reference_w, pairs.reference_l = (sums[:mine] for sums in reference)
-        self.engine.train()
+        reference = pair_logprob_rows(self.engine, padded, size, packing, pad)
+        pairs.reference_w, pairs.reference_l = (sums[:mine].float() for sums in reference)
         metrics = self.update(pairs) if kept else {}
         if kept:  # no pairs anywhere (every group tied): no update, nothing to sync
             self.rollout.sync_weights(self.engine)
@@ -145,33 +145,31 @@ class OnlineDPO:
 
     def update(self, pairs: SampledPairs) -> dict[str, float]:
         """epochs x steps_per_epoch optimizer steps; each the gradient of the mean loss over its pairs (all ranks).
-        An empty micro-batch runs a zero-loss forward, so every rank makes the same number of backward passes."""
+        An empty micro-batch runs a zero-loss micro-step, so every rank makes the same number of backward passes."""
         cfg, algo, engine = self.cfg, self.cfg.algo, self.engine
-        totals = [0.0] * (len(LOSS_METRICS) + 1)
+        means = WeightedMeans(LOSS_METRICS)
         generator = torch.Generator().manual_seed(cfg.seed * 7919 + engine.global_steps)
         for _ in range(algo.epochs_per_iteration):
             order = torch.randperm(len(pairs.examples), generator=generator).tolist()
             for step_pairs in split_evenly(order, algo.steps_per_epoch):
                 step_total = all_reduce_sum([float(len(step_pairs))])[0]
                 for chunk in split_evenly(step_pairs, cfg.train.gradient_accumulation_steps):
+                    if not chunk:
+                        idle_micro_step(engine, self.tokenizer.eos_token_id, cfg.optim.max_grad_norm)
+                        continue
                     loss, metrics = self.micro_batch_loss(pairs, chunk)
-                    engine.backward(loss * len(chunk) * world_size() / max(step_total, 1.0), scale_wrt_gas=False)
+                    engine.backward(loss * len(chunk) * world_size() / step_total, scale_wrt_gas=False)
                     backend.step(engine, cfg.optim.max_grad_norm)
-                    for position, name in enumerate(LOSS_METRICS):
-                        totals[position] += float(metrics.get(name, 0.0)) * len(chunk)
-                    totals[-1] += len(chunk)
-        totals = all_reduce_sum(totals)
-        return {name: totals[position] / max(totals[-1], 1.0) for position, name in enumerate(LOSS_METRICS)}
+                    means.add(metrics, len(chunk))
+        return means.means()
 
     def micro_batch_loss(self, pairs: SampledPairs, chunk: list[int]):
         """(mean loss over the pairs `chunk`, metrics): `algo.loss` + nll_alpha x chosen NLL against the reference
-        log-probs; an empty chunk gives a zero loss on a two-token stand-in pair (a forward all ranks share)."""
+        log-probs (one forward over chosen and rejected)."""
         algo, device = self.cfg.algo, self.engine.device
-        examples = [pairs.examples[i] for i in chunk] if chunk else [stand_in_pair(self.tokenizer.eos_token_id)]
+        examples = [pairs.examples[i] for i in chunk]
         batch = collate_pairs(examples, self.cfg.data.packing, self.tokenizer.pad_token_id).to(device)
         policy_w, policy_l = pair_logprob_sums(self.engine, batch)
-        if not chunk:
-            return (policy_w.sum() + policy_l.sum()) * 0.0, {}
         index, lengths = torch.tensor(chunk), batch.response_lengths
         reference = (pairs.reference_w[index].to(device), pairs.reference_l[index].to(device))
         chosen_lengths, rejected_lengths = lengths[: len(chunk)], lengths[len(chunk) :]
