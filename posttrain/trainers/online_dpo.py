@@ -32,6 +32,7 @@ from posttrain.errors import ConfigError
 from posttrain.losses import PAIR_LOSSES
 from posttrain.losses.dpo import chosen_nll
 from posttrain.models.logprobs import pair_logprob_rows, pair_logprob_sums
+from posttrain.models.reward import reward_model_dir_problem
 from posttrain.rollout.config import SamplingConfig
 from posttrain.rollout.oracles import ORACLES, VerifierOracle
 from posttrain.rollout.pairs import SampledPairs, group_statistics, margin_pairs, stand_in_pair
@@ -68,9 +69,9 @@ def check_config(cfg) -> None:
     algo = cfg.algo
     PAIR_LOSSES.get(algo.loss, "algo.loss")
     ORACLES.get(algo.oracle, "algo.oracle")
+    no_reward_model = algo.oracle != "verifier" and reward_model_dir_problem(algo.reward_model, "algo.reward_model")
     checks = {
-        f"algo.oracle={algo.oracle} needs algo.reward_model (the final/ dir of an algo=rm run)": (
-            algo.oracle != "verifier" and not algo.reward_model),
+        f"algo.oracle={algo.oracle} needs a reward model: {no_reward_model}": bool(no_reward_model),
         f"algo.sampling.n={algo.sampling.n} must be >= 2 (the K responses that make a pair)": algo.sampling.n < 2,
         f"algo.sampling.temperature={algo.sampling.temperature} must be > 0": algo.sampling.temperature <= 0,
         f"algo.prompts_per_iteration={algo.prompts_per_iteration} must be a positive multiple of the world size "

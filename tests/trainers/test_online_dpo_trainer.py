@@ -22,7 +22,10 @@ def dno_config(run_dir, *overrides):
     [
         (["algo.loss=gpo"], r"algo.loss='gpo': 'gpo' is a self-play loss, not a preference-pair loss"),
         (["algo.oracle=judge"], r"algo.oracle='judge': unknown preference oracle 'judge'; known names: gpm, "),
-        (["algo.oracle=gpm"], r"algo.oracle=gpm needs algo.reward_model"),
+        (
+            ["algo.oracle=gpm"],
+            r"algo.oracle=gpm needs a reward model: algo.reward_model=None is not a posttrain reward",
+        ),
         (["algo.sampling.n=1"], r"algo.sampling.n=1 must be >= 2"),
         (["algo.steps_per_epoch=0"], r"algo.steps_per_epoch must be >= 1"),
     ],
