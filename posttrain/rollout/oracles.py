@@ -12,6 +12,7 @@ The reward-model oracles load a posttrain reward-model dir (`posttrain.models.re
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -76,3 +77,38 @@ def reward_model_oracle(*, reward_model: str, dtype: str = "float32", tau: float
 def gpm_oracle(*, reward_model: str, dtype: str = "float32", tau: float | None = None,
                sequences_per_forward: int = 64, **_) -> ScorerOracle:  # fmt: skip
     return ScorerOracle(load_preference_scorer(reward_model, dtype, tau, sequences_per_forward), "win_probability")
+
+
+class VersusInitial:
+    """A held-out metric for the reward-model oracles: fresh samples of the current policy scored against samples
+    of the initial policy on the same prompts, as the mean preference score s(y > y0) and the win rate
+    sigma(s / tau) (GPO's `score_vs_initial`). The initial samples are drawn once (eval.* sampling: greedy, or
+    eval.samples per prompt) and kept in run_dir/initial_samples.rank<r>.jsonl, so a resumed run compares
+    against the same ones. `prompts` are all ranks' (chat messages); each rank takes its share."""
+
+    def __init__(self, scorer: PreferenceScorer, rollout, prompts: list, eval_cfg, run_dir, resumed: bool):
+        from posttrain.engine.distributed import rank, world_size
+        from posttrain.rollout.samples import load_or_draw_samples
+
+        self.scorer, self.eval_cfg, self.prompts = scorer, eval_cfg, list(prompts)[rank() :: world_size()]
+        path = Path(run_dir) / f"initial_samples.rank{rank()}.jsonl"
+        self.initial = load_or_draw_samples(path, rollout, self.prompts, self.request(-1), resumed)
+
+    def request(self, seed: int):
+        from posttrain.config import greedy_eval_request, sampled_eval_request
+
+        cfg = self.eval_cfg
+        return sampled_eval_request(cfg, seed=seed) if cfg.samples > 0 else greedy_eval_request(cfg)
+
+    def evaluate(self, rollout, step: int) -> dict[str, float]:
+        """Means over all ranks' samples (a collective: every rank calls it); `step` seeds the sampling."""
+        from posttrain.engine.distributed import all_reduce_sum
+        from posttrain.rollout.samples import grouped_completions
+
+        totals = [0.0, 0.0, 0.0]  # score sum, win-rate sum, samples
+        if self.prompts:
+            groups = grouped_completions(rollout, self.prompts, self.request(10_000 + step))
+            score, win_rate = self.scorer.versus(self.prompts, [[c.text for c in g] for g in groups], self.initial)
+            totals = [float(score.sum()), float(win_rate.sum()), float(score.numel())]
+        score, wins, samples = all_reduce_sum(totals)
+        return {"score_vs_initial": score / max(samples, 1.0), "win_rate_vs_initial": wins / max(samples, 1.0)}

@@ -1,14 +1,14 @@
 """Online iterative DPO / Direct Nash Optimization (algo=online_dpo; Rosset et al. 2024, practical DNO).
 
-One update = one iteration t, from the policy pi_t:
-  1. sample K = algo.sampling.n responses for each of `prompts_per_iteration` prompts (RolloutService);
-  2. score them with the oracle `algo.oracle` (posttrain.rollout.oracles: verifier, reward_model, gpm);
-  3. keep each prompt's (best, worst) pair when the oracle's gap exceeds `algo.min_margin`;
-  4. log pi_t of the kept pairs, before any update: the previous iterate is the reference;
-  5. `epochs_per_iteration` x `steps_per_epoch` optimizer steps of `algo.loss` (any PAIR_LOSSES member, plus
-     `algo.nll_alpha` x the chosen NLL: RPO), each over an even share of the kept pairs in
-     train.gradient_accumulation_steps micro-batches (the kept count varies); then the engine gets the weights.
-Held out: greedy verified accuracy when the eval prompts name verifiers.
+One update = one iteration t, from the policy pi_t: (1) sample K = algo.sampling.n responses for each of
+`prompts_per_iteration` prompts (RolloutService); (2) score them with the oracle `algo.oracle` (verifier,
+reward_model, gpm: posttrain.rollout.oracles); (3) keep each prompt's (best, worst) pair when the oracle's gap
+exceeds `algo.min_margin`; (4) log pi_t of the kept pairs before any update: the previous iterate is the
+reference; (5) `epochs_per_iteration` x `steps_per_epoch` optimizer steps of `algo.loss` (any PAIR_LOSSES
+member, + `algo.nll_alpha` x the chosen NLL: RPO), each over an even share of the kept pairs in
+train.gradient_accumulation_steps micro-batches (the kept count varies); then the engine gets the weights.
+Held out: greedy verified accuracy (eval prompts with verifiers); with a reward-model oracle also the score
+and win rate of fresh samples against the initial policy's (`posttrain.rollout.oracles.VersusInitial`).
 """
 
 from __future__ import annotations
@@ -34,14 +34,12 @@ from posttrain.losses.dpo import chosen_nll
 from posttrain.models.logprobs import pair_logprob_rows, pair_logprob_sums
 from posttrain.models.reward import reward_model_dir_problem
 from posttrain.rollout.config import SamplingConfig
-from posttrain.rollout.oracles import ORACLES, VerifierOracle
+from posttrain.rollout.oracles import ORACLES, VerifierOracle, VersusInitial
 from posttrain.rollout.pairs import SampledPairs, group_statistics, margin_pairs, stand_in_pair
 from posttrain.rollout.samples import grouped_completions, iteration_sampling, rollout_model_dir
 from posttrain.rollout.service import build_rollout_service
 from posttrain.trainers import register_algo
 from posttrain.training import Run, build_engine, idle_micro_step, policy_module
-
-LOSS_METRICS = ("loss", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected", "nll")
 
 
 @dataclass
@@ -63,6 +61,7 @@ class OnlineDPOAlgoConfig:
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n=8, temperature=0.7, max_tokens=64))
     verifier_timeout_s: float = 3.0
     scoring_batch_size: int = 64  # sequences per reward-model forward
+    eval_prompts: int = 64  # reward-model oracles: held-out prompts scored against the initial policy's samples
 
 
 def check_config(cfg) -> None:
@@ -110,6 +109,9 @@ class OnlineDPO:
         model_dir = rollout_model_dir(cfg, run.run_dir, self.engine.module.policy, self.tokenizer)
         self.rollout = build_rollout_service(cfg.rollout, model_dir, self.tokenizer)
         self.rollout.sync_weights(self.engine)  # a resumed trainer holds newer weights than model_dir
+        held_out = [p.prompt for p in unique_prompt_rows(eval_rows)[: algo.eval_prompts]] if eval_rows else []
+        self.versus = None if verified else VersusInitial(  # the reward-model oracles' held-out metric
+            self.oracle.scorer, self.rollout, held_out, cfg.eval, run.run_dir, run.start_step > 0)  # fmt: skip
 
     def train_step(self, step: int) -> dict[str, float]:
         """One iteration (module docstring, steps 1-5) and the weight sync."""
@@ -145,17 +147,16 @@ class OnlineDPO:
         }  # fmt: skip
 
     def update(self, pairs: SampledPairs) -> dict[str, float]:
-        """epochs x steps_per_epoch optimizer steps; each the gradient of the mean loss over its pairs (all ranks).
-        An empty micro-batch runs a zero-loss micro-step, so every rank makes the same number of backward passes."""
+        """epochs x steps_per_epoch optimizer steps, each the gradient of the mean loss over its pairs (all ranks)."""
         cfg, algo, engine = self.cfg, self.cfg.algo, self.engine
-        means = WeightedMeans(LOSS_METRICS)
+        means = WeightedMeans(("loss", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected", "nll"))
         generator = torch.Generator().manual_seed(cfg.seed * 7919 + engine.global_steps)
         for _ in range(algo.epochs_per_iteration):
             order = torch.randperm(len(pairs.examples), generator=generator).tolist()
             for step_pairs in split_evenly(order, algo.steps_per_epoch):
                 step_total = all_reduce_sum([float(len(step_pairs))])[0]
                 for chunk in split_evenly(step_pairs, cfg.train.gradient_accumulation_steps):
-                    if not chunk:
+                    if not chunk:  # a zero-loss micro-step: every rank makes as many backward passes
                         idle_micro_step(engine, self.tokenizer.eos_token_id, cfg.optim.max_grad_norm)
                         continue
                     loss, metrics = self.micro_batch_loss(pairs, chunk)
@@ -167,8 +168,7 @@ class OnlineDPO:
     def micro_batch_loss(self, pairs: SampledPairs, chunk: list[int]):
         """(mean loss over the pairs `chunk`, metrics): `algo.loss` + nll_alpha x chosen NLL against the reference
         log-probs (one forward over chosen and rejected)."""
-        algo, device = self.cfg.algo, self.engine.device
-        examples = [pairs.examples[i] for i in chunk]
+        algo, device, examples = self.cfg.algo, self.engine.device, [pairs.examples[i] for i in chunk]
         batch = collate_pairs(examples, self.cfg.data.packing, self.tokenizer.pad_token_id).to(device)
         policy_w, policy_l = pair_logprob_sums(self.engine, batch)
         index, lengths = torch.tensor(chunk), batch.response_lengths
@@ -185,13 +185,15 @@ class OnlineDPO:
         return loss, metrics
 
     def evaluate(self) -> dict[str, float]:
-        """`eval_greedy_accuracy`: verified share of greedy answers to the held-out prompts (all ranks)."""
+        """`eval_greedy_accuracy`: verified share of greedy answers to the held-out prompts (all ranks); with a
+        reward-model oracle, `score_vs_initial` and `win_rate_vs_initial`."""
         correct, prompts = 0.0, self.eval_prompts
         if prompts:
             groups = grouped_completions(self.rollout, [p.prompt for p in prompts], greedy_eval_request(self.cfg.eval))
             correct = float((VerifierOracle(self.cfg.algo.verifier_timeout_s).targets(prompts, groups) >= 1.0).sum())
         correct, count = all_reduce_sum([correct, float(len(self.eval_prompts))])
-        return {"eval_greedy_accuracy": correct / count} if count else {}
+        result = {"eval_greedy_accuracy": correct / count} if count else {}
+        return result | (self.versus.evaluate(self.rollout, self.engine.global_steps) if self.versus else {})
 
     def export(self, out_dir: Path) -> None:
         export_hf(self.engine.module.policy, self.tokenizer, out_dir, self.cfg.deepspeed.zero_stage)

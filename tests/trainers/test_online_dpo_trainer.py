@@ -102,3 +102,35 @@ def test_dno_with_the_verifier_raises_greedy_held_out_accuracy(noisy_sft_model, 
     for m in metrics[1:]:
         assert 0.0 < m["pairs_kept_fraction"] <= 1.0 and m["target_margin"] == 1.0  # verifier pairs: right vs wrong
     assert (run_dir / "final" / "model.safetensors").exists()
+
+
+def test_versus_initial_scores_fresh_samples_against_the_kept_initial_ones(tmp_path):
+    """BT rewards r(y) = len(y) give s(y > y0) = len(y) - len(y0); the initial samples are drawn once and kept."""
+    from omegaconf import OmegaConf
+
+    from posttrain.models.reward import PreferenceScorer
+    from posttrain.rollout.oracles import VersusInitial
+
+    class LengthScorer(PreferenceScorer):
+        def matrices(self, prompts, responses):
+            r = torch.tensor([[float(len(y)) for y in group] for group in responses])
+            return r[:, :, None] - r[:, None, :]
+
+    class Rollout:  # answers "a" * length, the length growing with every call
+        length = 1
+
+        def generate(self, prompts, sampling):
+            text = "a" * self.length
+            self.length += 2
+            return [completion(p, k, text) for p in range(len(prompts)) for k in range(sampling.n)]
+
+    prompts = [[{"role": "user", "content": "x"}], [{"role": "user", "content": "y"}]]
+    eval_cfg = OmegaConf.create({"samples": 2, "temperature": 1.0, "top_p": 1.0, "max_tokens": 4, "seed": 0})
+    rollout, scorer = Rollout(), LengthScorer(None, None, 1.0, 8)
+    versus = VersusInitial(scorer, rollout, prompts, eval_cfg, tmp_path, resumed=False)
+    assert versus.initial == [["a", "a"], ["a", "a"]]  # drawn now (length 1) and written
+    metrics = versus.evaluate(rollout, step=5)  # fresh samples have length 3: s = 3 - 1 = 2 against each y0
+    assert metrics["score_vs_initial"] == pytest.approx(2.0)
+    assert metrics["win_rate_vs_initial"] == pytest.approx(float(torch.sigmoid(torch.tensor(2.0))))
+    resumed = VersusInitial(scorer, rollout, prompts, eval_cfg, tmp_path, resumed=True)
+    assert resumed.initial == versus.initial  # read back, not drawn again
