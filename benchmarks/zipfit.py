@@ -3,7 +3,7 @@
     python benchmarks/zipfit.py --pool 20000 --rounds 5            # the measurement (a quiet machine)
     python benchmarks/zipfit.py --pool 2000 --rounds 1             # a smoke run, seconds
 
-The pool mixes arithmetic rows (data_recipes arithmetic task, column addition) with unrelated text (game-move
+The pool mixes arithmetic rows (data_recipes arithmetic task, 3-digit column addition) with unrelated text (game-move
 chats and README lines, repeated with a row number to fill the pool) in equal parts; the target is held-out
 arithmetic rows. Each side scores the whole pool and keeps the top half (`top_rows`); timed: building the
 scorer from the target + scoring + ranking, in one process, sides interleaved `--rounds` times, best and median
@@ -32,11 +32,12 @@ from data_recipes.zipfit import build_scorer, row_text, top_rows  # noqa: E402
 def make_pool(size: int) -> tuple[list[str], list[bool], list[str]]:
     """(pool texts, is_arithmetic, target texts)."""
     half = size // 2
-    arithmetic = [row_text(r) for r in generate_task("arithmetic", "train", half, seed=0, steps=True, operations="+")]
+    task = {"max_digits": 3, "steps": True, "operations": "+"}  # 3 digits: enough distinct rows for 20k pools
+    arithmetic = [row_text(r) for r in generate_task("arithmetic", "train", half, seed=0, **task)]
     games = [row_text(r) for r in generate_task("game_moves", "train", 300, seed=0)]
     prose = [line.strip() for line in (REPO / "README.md").read_text().splitlines() if len(line.strip()) > 40]
     unrelated = [f"{(games + prose)[i % len(games + prose)]} ({i})" for i in range(size - half)]
-    target = [row_text(r) for r in generate_task("arithmetic", "eval", 200, seed=1, steps=True, operations="+")]
+    target = [row_text(r) for r in generate_task("arithmetic", "eval", 200, seed=1, **task)]
     return arithmetic + unrelated, [True] * half + [False] * (size - half), target
 
 
