@@ -20,10 +20,12 @@ demo: install
 
 # Tests that build their own in-process vLLM engine (a trainer's rollout service) run in their own
 # processes: a second engine in one process breaks torch.distributed for the tests after it. The DPO
-# stage test shares the RLVR test's process for its noisy SFT model (a session fixture) and uses no vLLM.
+# stage and DNO tests share the RLVR test's process for its noisy SFT model (a session fixture) and use no
+# vLLM (DNO samples with transformers there), so they run before it.
 test: install
 	$(PYTHON) -m pytest -q -m "not isolated"
-	$(PYTHON) -m pytest -q -m isolated tests/trainers/test_dpo_stage.py tests/trainers/test_rlvr_trainer.py
+	$(PYTHON) -m pytest -q -m isolated tests/trainers/test_dpo_stage.py tests/trainers/test_online_dpo_trainer.py \
+		tests/trainers/test_rlvr_trainer.py
 	$(PYTHON) -m pytest -q -m isolated tests/trainers/test_gpo_trainer.py
 
 bench: install

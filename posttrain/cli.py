@@ -54,7 +54,12 @@ def run(cfg) -> Path | None:
 
 
 # `posttrain <name> --flags`: argparse tools beside the Hydra trainers (module: its `main(argv) -> exit status`).
-SUBCOMMANDS = {"decontaminate": "data_recipes.decontaminate", "eval": "evals.runner"}
+SUBCOMMANDS = {
+    "decontaminate": "data_recipes.decontaminate",
+    "eval": "evals.runner",
+    "annotate": "posttrain.annotate",
+    "select": "data_recipes.zipfit",
+}
 
 
 def run_subcommand(name: str, argv: list[str]) -> int:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from posttrain.data.chat import IGNORE_INDEX, TokenizedExample
 from posttrain.data.preference import PreferenceExample
 from posttrain.rollout.completion import Completion
 from posttrain.rollout.samples import completion_example
@@ -27,6 +28,23 @@ class SampledPairs:
     engine_l: torch.Tensor
     reference_w: torch.Tensor | None = None  # [N] a reference's summed log-probs, filled in by the trainer
     reference_l: torch.Tensor | None = None
+
+    def select(self, keep: torch.Tensor) -> SampledPairs:
+        """The pairs where the boolean mask `keep` [N] is true (reference log-probs too, when filled in)."""
+        index = keep.nonzero().flatten()
+        return SampledPairs(
+            [self.examples[i] for i in index.tolist()],
+            *(None if t is None else t[index] for t in (self.target_w, self.target_l, self.engine_w, self.engine_l)),
+            *(None if t is None else t[index] for t in (self.reference_w, self.reference_l)),
+        )
+
+
+def margin_pairs(groups: list[list[Completion]], targets: torch.Tensor, min_margin: float) -> SampledPairs:
+    """The (best, worst) pair of each prompt (`best_worst_pairs`) kept only where the oracle's gap
+    target_best - target_worst exceeds `min_margin` (DNO's large-margin pairs, Rosset et al. 2024); with
+    min_margin >= 0 a group whose K responses all score the same gives no pair."""
+    pairs = best_worst_pairs(groups, targets)
+    return pairs.select(pairs.target_w - pairs.target_l > min_margin)
 
 
 def best_worst_pairs(groups: list[list[Completion]], targets: torch.Tensor) -> SampledPairs:
@@ -46,6 +64,13 @@ def best_worst_pairs(groups: list[list[Completion]], targets: torch.Tensor) -> S
         torch.tensor(engine_w, dtype=torch.float32),
         torch.tensor(engine_l, dtype=torch.float32),
     )
+
+
+def stand_in_pair(eos_token_id: int) -> PreferenceExample:
+    """A two-token pair for a rank with no pairs in a micro-batch: its zero-loss forward and backward keep every
+    rank's count of collective passes equal."""
+    example = TokenizedExample([eos_token_id, eos_token_id], [IGNORE_INDEX, eos_token_id])
+    return PreferenceExample(example, example, 1)
 
 
 def group_statistics(groups: list[list[Completion]], pairs: SampledPairs) -> dict[str, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,13 @@ def grouped_completions(rollout: RolloutService, prompts: Sequence, sampling: Sa
     for completion in rollout.generate(prompts, sampling):
         groups[completion.prompt_index].append(completion)
     return groups
+
+
+def iteration_sampling(sampling: SamplingConfig, iteration: int) -> SamplingConfig:
+    """`sampling` for iteration `iteration` of a self-play trainer: a set seed is offset per iteration
+    (reproducible, never reused); no seed stays unseeded."""
+    seed = None if sampling.seed is None else sampling.seed + 1_000_003 * (iteration + 1)
+    return dataclasses.replace(sampling, seed=seed)
 
 
 def rollout_model_dir(cfg, run_dir: Path, policy: nn.Module, tokenizer) -> str:

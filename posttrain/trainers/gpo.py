@@ -15,7 +15,6 @@ kept in run_dir/initial_samples*.jsonl so a resumed run compares against the sam
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from posttrain.models.logprobs import pair_logprob_rows, pair_logprob_sums
 from posttrain.models.reward import load_preference_scorer, reward_model_dir_problem
 from posttrain.rollout.config import SamplingConfig
 from posttrain.rollout.pairs import SampledPairs, best_worst_pairs, group_metrics, group_statistics
-from posttrain.rollout.samples import grouped_completions, load_or_draw_samples, rollout_model_dir
+from posttrain.rollout.samples import grouped_completions, iteration_sampling, load_or_draw_samples, rollout_model_dir
 from posttrain.rollout.service import build_rollout_service
 from posttrain.trainers import register_algo
 from posttrain.training import Run, build_engine, pair_loss_scale, policy_module
@@ -131,10 +130,7 @@ class GPO:
 
     def sampling(self, iteration: int) -> SamplingConfig:
         """`algo.sampling`; a set seed is offset per iteration (reproducible, never reused)."""
-        sampling = SamplingConfig(**self.cfg.algo.sampling)
-        return dataclasses.replace(
-            sampling, seed=None if sampling.seed is None else sampling.seed + 1_000_003 * (iteration + 1)
-        )
+        return iteration_sampling(SamplingConfig(**self.cfg.algo.sampling), iteration)
 
     def train_step(self, step: int) -> dict[str, float]:
         """One self-play iteration (module docstring, steps 1-5) and the weight sync."""
