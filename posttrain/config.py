@@ -38,6 +38,9 @@ class ModelConfig:
         "sdpa"  # auto (flash_attention_2 on a GPU with flash_attn, else sdpa) | sdpa | eager | ...
     )
     fused_logprobs: bool = True  # log-probs through the fused csrc/ kernel (no [tokens, vocab] logits)
+    # ZeRO-3: load model.path's weights (policy and reference) partitioned through transformers' DeepSpeed
+    # integration (deepspeed.zero.Init), never whole on one rank; false loads whole copies first (RSS-hungry)
+    sharded_init: bool = True
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     chat_template: str | None = None  # override the tokenizer's template (Jinja)

@@ -145,7 +145,7 @@ def start_run(cfg, algorithm) -> Run:
 def policy_module(run: Run, model_cfg=None) -> CausalLMWithLogprobs:
     """The policy (model.*, or `model_cfg`) with LoRA adapters when peft is on, wrapped to return log-probs."""
     cfg = run.cfg
-    model = load_model(model_cfg or cfg.model, run.tokenizer, cfg.seed)
+    model = load_model(model_cfg or cfg.model, run.tokenizer, cfg.seed, backend.zero3_load_config(cfg))
     if cfg.peft.enabled:
         model = wrap_lora(model, cfg.peft)
     return CausalLMWithLogprobs(model, fused=cfg.model.fused_logprobs, zero_stage=cfg.deepspeed.zero_stage)

@@ -68,6 +68,13 @@ def deepspeed_config(ds_cfg, train_cfg, optim_cfg, dtype: str) -> dict[str, Any]
     return config
 
 
+def zero3_load_config(cfg) -> dict | None:
+    """The DeepSpeed config models are created under (`sharded_init`): ZeRO-3 with model.sharded_init, else None."""
+    if cfg.deepspeed.zero_stage != 3 or not cfg.model.sharded_init:
+        return None
+    return deepspeed_config(cfg.deepspeed, cfg.train, cfg.optim, cfg.model.dtype)
+
+
 def clips_outside_deepspeed(zero_stage: int, dtype: str) -> bool:
     """True where DeepSpeed clips (ZeRO-0, fp32) but throws the gradient norm away: posttrain clips then."""
     return zero_stage == 0 and dtype == "float32"

@@ -7,6 +7,7 @@ locally on the task text. The tokenizer is saved in the run dir so a resumed run
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -78,17 +79,40 @@ def tiny_llama_config(tiny_cfg, tokenizer: PreTrainedTokenizerBase) -> LlamaConf
     )
 
 
-def load_model(model_cfg, tokenizer: PreTrainedTokenizerBase, seed: int) -> torch.nn.Module:
-    """The causal LM for `model_cfg` (initialised deterministically from `seed` when built from config)."""
+@contextlib.contextmanager
+def sharded_init(ds_config: dict | None):
+    """Inside, under a ZeRO-3 `ds_config`, models are created partitioned as they are built: transformers'
+    DeepSpeed integration (an `HfDeepSpeedConfig` alive while loading) makes `from_pretrained` load each rank's
+    shard and `from_config` build inside `deepspeed.zero.Init`, so no rank ever holds a whole copy. Elsewhere (no
+    config, another stage) a no-op. Models created after the block (a rollout engine's own copy) are plain."""
+    if not ds_config or ds_config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    keep_alive = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference to it
+    try:
+        yield
+    finally:
+        del keep_alive
+
+
+def load_model(
+    model_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, ds_config: dict | None = None
+) -> torch.nn.Module:
+    """The causal LM for `model_cfg` (initialised deterministically from `seed` when built from config). With a
+    ZeRO-3 `ds_config`, weights from `model_cfg.path` load partitioned (`sharded_init`); a model built from config
+    is built whole, so its initial weights are the same for every world size."""
     dtype = torch_dtype(model_cfg.dtype)
     attn_implementation = resolve_attn_implementation(model_cfg.attn_implementation)
     if model_cfg.path:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_cfg.path,
-            dtype=dtype,
-            attn_implementation=attn_implementation,
-            trust_remote_code=model_cfg.trust_remote_code,
-        )
+        with sharded_init(ds_config):
+            model = AutoModelForCausalLM.from_pretrained(
+                model_cfg.path,
+                dtype=dtype,
+                attn_implementation=attn_implementation,
+                trust_remote_code=model_cfg.trust_remote_code,
+            )
     else:
         config = tiny_llama_config(model_cfg.tiny, tokenizer)
         config._attn_implementation = attn_implementation

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from posttrain.engine.backend import zero3_load_config
 from posttrain.engine.export import gathered_parameters, hf_state_dict
 from posttrain.engine.reference import (
     ReferenceLogprobs,
@@ -56,9 +57,8 @@ def reference_model(cfg, tokenizer) -> torch.nn.Module:
     """The frozen reference: `algo.reference.path`, else the policy's starting point."""
     path = cfg.algo.reference.path or cfg.model.path
     model_cfg = OmegaConf.merge(cfg.model, {"path": path, "gradient_checkpointing": False})
-    module = CausalLMWithLogprobs(
-        load_model(model_cfg, tokenizer, cfg.seed), fused=cfg.model.fused_logprobs, zero_stage=cfg.deepspeed.zero_stage
-    )
+    model = load_model(model_cfg, tokenizer, cfg.seed, zero3_load_config(cfg))
+    module = CausalLMWithLogprobs(model, fused=cfg.model.fused_logprobs, zero_stage=cfg.deepspeed.zero_stage)
     return frozen_model(module, cfg.deepspeed.zero_stage, cfg.model.dtype, cfg.deepspeed.offload_params)
 
 
