@@ -19,6 +19,8 @@ import torch
 
 from posttrain.data.batching import collate_packed
 from posttrain.data.chat import IGNORE_INDEX, TokenizedExample
+from posttrain.engine.distributed import all_reduce_max, all_reduce_sum
+from posttrain.errors import ConfigError
 from posttrain.losses import DIVERGENCES
 from posttrain.losses.distill import chunked_vocab_divergence
 from posttrain.models.logprobs import model_device
@@ -87,3 +89,50 @@ def vocab_distances(
                       for s in range(0, other.shape[0], chunk_size)]  # fmt: skip
             sums[f"{name}_{divergence}"] = float(torch.cat(values).sum()) if values else 0.0
     return sums
+
+
+def padding_example(tokenizer) -> TokenizedExample:
+    """A one-scored-token example for a rank with nothing to do: it still runs the forward the others run."""
+    eos = tokenizer.eos_token_id
+    return TokenizedExample([eos, eos], [IGNORE_INDEX, eos])
+
+
+def held_out_distances(
+    student,
+    others: dict[str, object],
+    examples: Sequence[TokenizedExample],
+    micro_batch_size: int,
+    chunk_size: int,
+    padding: TokenizedExample,
+) -> dict[str, float]:
+    """Per-token means over every rank's `examples` of `vocab_distances` ({"<name>_<divergence>": mean}; {} when
+    no rank has any). Every rank runs the same number of forwards (ZeRO-3 gathers in each): a rank out of
+    examples scores `padding` (`padding_example`) and drops the result."""
+    batches = int(all_reduce_max([float(-(-len(examples) // micro_batch_size))])[0])
+    totals: dict[str, float] = {}
+    for start in range(0, batches * micro_batch_size, micro_batch_size):
+        chunk = list(examples[start : start + micro_batch_size])
+        sums = vocab_distances(student, others, chunk or [padding], chunk_size)
+        totals = {key: totals.get(key, 0.0) + (value if chunk else 0.0) for key, value in sums.items()}
+    if not totals:
+        return {}
+    totals = dict(zip(totals, all_reduce_sum(list(totals.values()))))
+    tokens = max(totals.pop("tokens"), 1.0)
+    return {key: value / tokens for key, value in totals.items()}
+
+
+def check_vocabularies(student, others: dict[str, object]) -> None:
+    """ConfigError naming the key when a model of `others` (key -> model or None) has another vocabulary size."""
+    size = vocabulary_size(student)
+    for key, model in others.items():
+        if model is not None and vocabulary_size(model) != size:
+            raise ConfigError(
+                f"{key} has a vocabulary of {vocabulary_size(model)} tokens, the student {size}: distillation "
+                "compares next-token distributions, so both need the same tokenizer"
+            )
+
+
+def vocabulary_size(model) -> int:
+    """`config.vocab_size` of the causal LM inside a CausalLMWithLogprobs (or a frozen engine holding one)."""
+    module = model.module if hasattr(model, "module") else model
+    return module.policy.config.vocab_size

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from posttrain.config import sampled_eval_request
 from posttrain.data.batching import StepPlan, split_evenly
-from posttrain.data.chat import IGNORE_INDEX, TokenizedExample
+from posttrain.data.chat import TokenizedExample
 from posttrain.data.loading import load_rows
 from posttrain.data.prompts import build_prompt_rows
 from posttrain.data.sft import build_sft_examples
@@ -33,11 +33,12 @@ from posttrain.errors import ConfigError
 from posttrain.losses import DIVERGENCES
 from posttrain.losses.distill import full_vocab_divergence
 from posttrain.models.distillation import (
-    DISTANCE_NAMES,
+    check_vocabularies,
+    held_out_distances,
+    padding_example,
     student_vocab_divergence,
     target_logprobs,
     teacher_logits,
-    vocab_distances,
 )
 from posttrain.models.loading import load_tokenizer
 from posttrain.models.reference import frozen_model_at
@@ -92,33 +93,28 @@ def check_config(cfg) -> None:
 @register_algo("distill", schema=DistillAlgoConfig, curve=("teacher_distance", "loss"), check=check_config)
 class Distill:
     def __init__(self, run: Run):
-        cfg = self.cfg = run.cfg
-        algo = cfg.algo
-        train_rows, eval_rows = load_rows(cfg.data, "train"), load_rows(cfg.data, "eval")
+        cfg, algo = run.cfg, run.cfg.algo
+        self.cfg, train_rows, eval_rows = cfg, load_rows(cfg.data, "train"), load_rows(cfg.data, "eval")
         self.train_prompts = [p.prompt for p in build_prompt_rows(train_rows, need_verifier=False)]
-        self.eval_prompts = [p.prompt for p in build_prompt_rows(eval_rows, need_verifier=False)] if eval_rows else []
-        self.eval_prompts = self.eval_prompts[: algo.eval_prompts]
+        self.eval_prompts = (
+            [p.prompt for p in build_prompt_rows(eval_rows, False)][: algo.eval_prompts] if eval_rows else []
+        )
         if cfg.model.path:  # else the tiny student is built on the teacher's tokenizer
             self.tokenizer = run.load_tokenizer(None)
         else:
             teacher_cfg = OmegaConf.merge(cfg.model, {"path": algo.teacher})
             self.tokenizer = run.tokenizer = load_tokenizer(teacher_cfg, None, None)
         self.offline = self.tokenized(train_rows, "train") if algo.on_policy_fraction < 1 else []
-        self.eval_offline = []
-        if "dataset" in algo.eval_responses and eval_rows:
-            self.eval_offline = self.tokenized(eval_rows, "eval")[: algo.eval_prompts]
+        dataset_eval = "dataset" in algo.eval_responses and eval_rows
+        self.eval_offline = self.tokenized(eval_rows, "eval")[: algo.eval_prompts] if dataset_eval else []
         run.commit()
         self.teacher = frozen_model_at(cfg, algo.teacher, self.tokenizer)
         self.oracle = frozen_model_at(cfg, algo.oracle, self.tokenizer) if algo.oracle else None
         module = policy_module(run)
-        for name, other in (("teacher", self.teacher), ("oracle", self.oracle)):
-            if other is not None and base_vocab(other) != module.policy.config.vocab_size:
-                raise ConfigError(f"algo.{name} has a vocabulary of {base_vocab(other)}, the student "
-                                  f"{module.policy.config.vocab_size}: distillation needs one tokenizer")  # fmt: skip
-        train = cfg.train
+        check_vocabularies(module, {"algo.teacher": self.teacher, "algo.oracle": self.oracle})
+        train, self.steps_per_update = cfg.train, 1
         self.plan = StepPlan(train.micro_batch_size, train.gradient_accumulation_steps, world_size(),
                              len(self.train_prompts), cfg.seed)  # fmt: skip
-        self.steps_per_update = 1
         self.total_steps = total_optimizer_steps(self.plan, train)
         self.engine = build_engine(run, module, self.total_steps)
         self.rollout = None
@@ -126,9 +122,8 @@ class Distill:
             model_dir = rollout_model_dir(cfg, run.run_dir, self.engine.module.policy, self.tokenizer)
             self.rollout = build_rollout_service(cfg.rollout, model_dir, self.tokenizer)
         self.stale = True  # the rollout engine's weights lag the trainer's (always true after resume)
-        log.info("distill (%s, %.0f%% on-policy): %d train / %d eval prompts, %d steps of %d prompts",
-                 algo.divergence, 100 * algo.on_policy_fraction, len(self.train_prompts), len(self.eval_prompts),
-                 self.total_steps, self.plan.examples_per_step)  # fmt: skip
+        log.info("distill (%s, on-policy share %g): %d train prompts, %d steps", algo.divergence,
+                 algo.on_policy_fraction, len(self.train_prompts), self.total_steps)  # fmt: skip
 
     def tokenized(self, rows, split: str):
         examples, skipped = build_sft_examples(rows, self.tokenizer, self.cfg.data, split)
@@ -137,16 +132,18 @@ class Distill:
                               "with its row's response; fix the rows or use algo.on_policy_fraction=1")  # fmt: skip
         return examples
 
-    def sample(self, prompts: list, sampling: SamplingConfig) -> list:
+    def sample(self, prompts: list, sampling: SamplingConfig) -> list[TokenizedExample]:
+        """The student's completions of `prompts` as examples; every rank calls it (the ZeRO-3 sync gathers)."""
         if self.stale:
             self.rollout.sync_weights(self.engine)
             self.stale = False
-        return [completion_example(c) for c in self.rollout.generate(prompts, sampling) if c.token_ids]
+        completions = self.rollout.generate(prompts, sampling) if prompts else []
+        return [completion_example(c) for c in completions if c.token_ids]
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg, algo, engine = self.cfg, self.cfg.algo, self.engine
         indices = [i for micro in self.plan.micro_batches(step, rank()) for i in micro]
-        on_policy = round(algo.on_policy_fraction * len(indices))
+        on_policy = round(algo.on_policy_fraction * len(indices))  # the same on every rank
         sampling = SamplingConfig(**algo.sampling)
         if sampling.seed is not None:
             sampling.seed += 1_000_003 * (step + 1)
@@ -156,7 +153,7 @@ class Distill:
         local_tokens = float(sum(e.num_target_tokens for e in examples))
         step_tokens, sampled_all, sequences = all_reduce_sum([local_tokens, sampled_tokens, float(len(examples))])
         divergence_sum = 0.0
-        for chunk in split_evenly(examples, cfg.train.gradient_accumulation_steps):
+        for chunk in split_evenly(examples, cfg.train.gradient_accumulation_steps):  # token mean over the step
             per_token = self.divergence(chunk)
             engine.backward(per_token.sum() * (world_size() / step_tokens), scale_wrt_gas=False)
             backend.step(engine, cfg.optim.max_grad_norm)
@@ -164,18 +161,15 @@ class Distill:
         self.stale = True
         return {
             "loss": all_reduce_sum([divergence_sum])[0] / step_tokens,
-            "on_policy_token_fraction": sampled_all / step_tokens,
-            "response_length": step_tokens / sequences,
-            "lr": backend.current_lr(engine),
-            "grad_norm": backend.grad_norm(engine),
-        }
+            "on_policy_token_fraction": sampled_all / step_tokens, "response_length": step_tokens / sequences,
+            "lr": backend.current_lr(engine), "grad_norm": backend.grad_norm(engine),
+        }  # fmt: skip
 
     def divergence(self, examples: list) -> torch.Tensor:
         """Per-token divergence [M] of the student (with grad) from the teacher on `examples`."""
         algo = self.cfg.algo
-        if not examples:  # every rank runs the same number of forwards and backwards
-            eos = self.tokenizer.eos_token_id
-            return target_logprobs(self.engine, [TokenizedExample([eos, eos], [IGNORE_INDEX, eos])]) * 0.0
+        if not examples:  # an empty micro-batch still runs a forward: every rank does the same collectives
+            return target_logprobs(self.engine, [padding_example(self.tokenizer)]) * 0.0
         if DIVERGENCES.get(algo.divergence).full_vocab:
             teacher = teacher_logits(self.teacher, examples, chunk_size=algo.chunk_size)
             return student_vocab_divergence(self.engine, examples, teacher, algo.divergence, algo.beta, algo.chunk_size)
@@ -184,37 +178,23 @@ class Distill:
         return DIVERGENCES.get(algo.divergence).fn(target_logprobs(self.engine, examples), teacher)
 
     def evaluate(self) -> dict[str, float]:
-        """Per-token distances of the student to the teacher (and oracle) on held-out responses."""
-        algo, result = self.cfg.algo, {}
-        sources = {}
+        """Per-token distances of the student to the teacher (and oracle) on held-out responses (module doc)."""
+        cfg, algo, sources, result = self.cfg, self.cfg.algo, {}, {}
         if "student" in algo.eval_responses and self.eval_prompts:
-            mine = self.eval_prompts[rank() :: world_size()]
-            request = sampled_eval_request(self.cfg.eval, n=max(self.cfg.eval.samples, 1))
-            sources[""] = self.sample(mine, request) if mine else []
+            request = sampled_eval_request(cfg.eval, n=max(cfg.eval.samples, 1))
+            sources[""] = self.sample(self.eval_prompts[rank() :: world_size()], request)
         if self.eval_offline:
             sources["dataset_"] = self.eval_offline[rank() :: world_size()]
         others = {"teacher": self.teacher, **({"oracle": self.oracle} if self.oracle is not None else {})}
         exact = full_vocab_divergence(algo.divergence).name
         self.engine.eval()
         for prefix, examples in sources.items():
-            keys = ["tokens"] + [f"{n}_{d}" for n in others for d in DISTANCE_NAMES]
-            totals = dict.fromkeys(keys, 0.0)
-            size = self.cfg.train.micro_batch_size
-            for start in range(0, len(examples), size):
-                sums = vocab_distances(self.engine, others, examples[start : start + size], algo.chunk_size)
-                totals = {key: totals[key] + sums[key] for key in keys}
-            totals = dict(zip(keys, all_reduce_sum(list(totals.values()))))
-            for key in keys[1:]:
-                result[prefix + key] = totals[key] / max(totals["tokens"], 1.0)
-            for name in others:
-                result[f"{prefix}{name}_distance"] = result[f"{prefix}{name}_{exact}"]
+            size, padding = cfg.train.micro_batch_size, padding_example(self.tokenizer)
+            means = held_out_distances(self.engine, others, examples, size, algo.chunk_size, padding)
+            result.update({prefix + key: value for key, value in means.items()})
+            result.update({f"{prefix}{n}_distance": means[f"{n}_{exact}"] for n in others if means})
         self.engine.train()
         return result
 
     def export(self, out_dir: Path) -> None:
         export_hf(self.engine.module.policy, self.tokenizer, out_dir, self.cfg.deepspeed.zero_stage)
-
-
-def base_vocab(model) -> int:
-    module = model.module if hasattr(model, "module") else model
-    return module.policy.config.vocab_size
