@@ -1,14 +1,13 @@
 """Distillation from a frozen teacher, offline, on-policy or mixed (Agarwal et al. 2024, GKD; Tiapkin et al. 2025).
 
-One optimizer step over train.micro_batch_size x gradient_accumulation_steps x world prompts: a share
+One optimizer step over micro_batch_size x gradient_accumulation_steps x world prompts: a share
 `algo.on_policy_fraction` of this rank's prompts get responses sampled from the student (RolloutService; weights
-synced before each sampling), the rest keep the dataset's response (offline). The loss is the token mean over the
-whole step of the per-token divergence `algo.divergence` (DIVERGENCES) between student and teacher on those
-responses: full-vocabulary ones from both models' logits, `sampled_reverse_kl` from the two log-probs of the
-sampled tokens only (posttrain.models.distillation). Eval: per-token forward KL, reverse KL and JSD(0.5) of the
-student to the teacher (the proxy, `teacher_distance` = the training divergence's full-vocabulary form) and, with
-`algo.oracle`, to a ground-truth model (`oracle_distance`), on the student's own samples of held-out prompts
-(`eval.*`, seeded) and/or the held-out split's responses (`algo.eval_responses`).
+synced before each sampling), the rest keep the dataset's response (offline). The loss is the step's token mean of
+the per-token `algo.divergence` (DIVERGENCES) between student and teacher: full-vocabulary ones from both models'
+logits, `sampled_reverse_kl` from the two log-probs of the sampled tokens only (posttrain.models.distillation).
+Eval: per-token forward KL, reverse KL and JSD(0.5) of the student to the teacher (the proxy; `teacher_distance`
+is the training divergence's full-vocabulary form) and to `algo.oracle` (`oracle_distance`), on the student's own
+seeded samples (`eval.*`) of held-out prompts and/or the held-out split's responses (`algo.eval_responses`).
 """
 
 from __future__ import annotations
