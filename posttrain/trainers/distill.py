@@ -45,7 +45,7 @@ from posttrain.rollout.config import SamplingConfig
 from posttrain.rollout.samples import completion_example, rollout_model_dir
 from posttrain.rollout.service import build_rollout_service
 from posttrain.trainers import register_algo
-from posttrain.training import HUB_NAME, Run, build_engine, policy_module, total_optimizer_steps
+from posttrain.training import HUB_NAME, Run, build_engine, idle_micro_step, policy_module, total_optimizer_steps
 
 log = logging.getLogger("posttrain")
 EVAL_RESPONSES = ("student", "dataset")
@@ -153,6 +153,9 @@ class Distill:
         step_tokens, sampled_all, sequences = all_reduce_sum([local_tokens, sampled_tokens, float(len(examples))])
         divergence_sum = 0.0
         for chunk in split_evenly(examples, cfg.train.gradient_accumulation_steps):  # token mean over the step
+            if not chunk:  # every rank runs the same forwards and micro-steps
+                idle_micro_step(engine, self.tokenizer.eos_token_id, cfg.optim.max_grad_norm)
+                continue
             per_token = self.divergence(chunk)
             engine.backward(per_token.sum() * (world_size() / step_tokens), scale_wrt_gas=False)
             backend.step(engine, cfg.optim.max_grad_norm)
@@ -167,8 +170,6 @@ class Distill:
     def divergence(self, examples: list) -> torch.Tensor:
         """Per-token divergence [M] of the student (with grad) from the teacher on `examples`."""
         algo = self.cfg.algo
-        if not examples:  # an empty micro-batch still runs a forward: every rank does the same collectives
-            return target_logprobs(self.engine, [padding_example(self.tokenizer)]) * 0.0
         if DIVERGENCES.get(algo.divergence).full_vocab:
             teacher = teacher_logits(self.teacher, examples, chunk_size=algo.chunk_size)
             return student_vocab_divergence(self.engine, examples, teacher, algo.divergence, algo.beta, algo.chunk_size)
@@ -188,8 +189,8 @@ class Distill:
         exact = full_vocab_divergence(algo.divergence).name
         self.engine.eval()
         for prefix, examples in sources.items():
-            size, padding = cfg.train.micro_batch_size, padding_example(self.tokenizer)
-            means = held_out_distances(self.engine, others, examples, size, algo.chunk_size, padding)
+            means = held_out_distances(self.engine, others, examples, cfg.train.micro_batch_size, algo.chunk_size,
+                                       padding_example(self.tokenizer))  # fmt: skip
             result.update({prefix + key: value for key, value in means.items()})
             result.update({f"{prefix}{n}_distance": means[f"{n}_{exact}"] for n in others if means})
         self.engine.train()
