@@ -10,6 +10,8 @@ arguments; every loss returns `(loss, metrics)`, metrics a dict of detached tens
   *, beta, label_smoothing, **loss_specific), all [B] per-sequence sums.
 - REWARD_MODEL_LOSSES (bt, gpm): (chosen_values [B, D], rejected_values [B, D], gate [B, k] | None, *, margin, tau).
 - SELF_PLAY_LOSSES (gpo, sppo): (policy_w, policy_l, reference_w, reference_l, target_w, target_l, *, beta).
+- DIVERGENCES (distillation: forward_kl, reverse_kl, jsd over the vocabulary, [N, V] logits of both models ->
+  [N]; sampled_reverse_kl from the two log-probs of the sampled tokens, [N] -> [N]): `posttrain.losses.distill`.
 - POLICY_LOSSES (grpo): (logprobs, old_logprobs, advantages, mask, *, clip_low, clip_high, reference_logprobs,
   kl_beta, kl_estimator, entropy, entropy_coef, aggregation, constant_normalizer), per-token [B, T].
 
@@ -24,9 +26,10 @@ PAIR_LOSSES: Registry = Registry("preference-pair loss", group="loss")
 REWARD_MODEL_LOSSES: Registry = Registry("reward-model loss", group="loss")
 SELF_PLAY_LOSSES: Registry = Registry("self-play loss", group="loss")
 POLICY_LOSSES: Registry = Registry("policy-gradient loss", group="loss")
+DIVERGENCES: Registry = Registry("distillation divergence", group="loss")
 SELF_PLAY_TARGETS: Registry = Registry("self-play target")
 ADVANTAGE_ESTIMATORS: Registry = Registry("advantage estimator")
 KL_ESTIMATORS: Registry = Registry("KL estimator")
 
 # Importing the modules registers their losses.
-from posttrain.losses import dpo, policy, preference, sft  # noqa: E402,F401
+from posttrain.losses import distill, dpo, policy, preference, sft  # noqa: E402,F401

@@ -2,7 +2,10 @@
 
 Its forward returns per-token log-probs (and entropies) of the targets straight from the final hidden
 states and the lm_head weight through `posttrain.ops.linear_logprobs`, so the fused kernel never
-materialises [tokens, vocab] logits. Under ZeRO-3 the lm_head weight is registered as an external
+materialises [tokens, vocab] logits. With `head_fn` it instead returns `head_fn(hidden_rows, weight, bias)` of
+the scored positions (targets != IGNORE_INDEX): what needs more of the vocabulary than one log-prob per token
+(distillation divergences, `posttrain.models.distillation`) runs there, inside the forward.
+Under ZeRO-3 the lm_head weight is registered as an external
 parameter of this wrapper, so DeepSpeed gathers it for this forward.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from posttrain.data.chat import IGNORE_INDEX
 from posttrain.ops import linear_logprobs
 
 
@@ -41,10 +45,19 @@ class CausalLMWithLogprobs(nn.Module):
         output = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)
         return output.last_hidden_state
 
-    def forward(self, input_ids, targets, position_ids=None, attention_mask=None, temperature: float = 1.0):
-        """(logprobs [B, T], entropy [B, T]) float32 of `targets` (IGNORE_INDEX positions give 0)."""
+    def forward(
+        self, input_ids, targets, position_ids=None, attention_mask=None, temperature: float = 1.0, head_fn=None
+    ):
+        """(logprobs [B, T], entropy [B, T]) float32 of `targets` (IGNORE_INDEX positions give 0).
+
+        head_fn: instead, return head_fn(hidden [M, H], lm_head weight [V, H], lm_head bias [V] | None) for the M
+        positions whose target is not IGNORE_INDEX, in row-major order. It runs inside this forward, where ZeRO-3
+        has gathered the lm_head weight."""
         hidden = self.hidden_states(input_ids, position_ids, attention_mask)
         head = self.lm_head
+        if head_fn is not None:
+            rows = hidden.reshape(-1, hidden.shape[-1])[targets.reshape(-1) != IGNORE_INDEX]
+            return head_fn(rows, head.weight, head.bias)
         logprobs, entropy = linear_logprobs(
             hidden.reshape(-1, hidden.shape[-1]),
             head.weight,

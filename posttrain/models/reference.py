@@ -55,7 +55,13 @@ class PairReference:
 
 def reference_model(cfg, tokenizer) -> torch.nn.Module:
     """The frozen reference: `algo.reference.path`, else the policy's starting point."""
-    path = cfg.algo.reference.path or cfg.model.path
+    return frozen_model_at(cfg, cfg.algo.reference.path or cfg.model.path, tokenizer)
+
+
+def frozen_model_at(cfg, path: str | None, tokenizer) -> torch.nn.Module:
+    """A frozen model (reference, distillation teacher or oracle) from `path` (null: the tiny model of
+    `model.tiny`, seeded by `seed`), with `model.*`'s dtype and kernels, wrapped for log-probs and placed by
+    `frozen_model` (ZeRO-3: partitioned by an optimizer-free DeepSpeed engine)."""
     model_cfg = OmegaConf.merge(cfg.model, {"path": path, "gradient_checkpointing": False})
     model = load_model(model_cfg, tokenizer, cfg.seed, zero3_load_config(cfg))
     module = CausalLMWithLogprobs(model, fused=cfg.model.fused_logprobs, zero_stage=cfg.deepspeed.zero_stage)
