@@ -52,7 +52,7 @@ def test_two_process_zero_matches_single_process(zero, tmp_path, single_process_
     # Same examples per step (4 per rank x 2 ranks = 8), so the same curve up to float reduction order.
     assert losses == pytest.approx(single_process_losses, rel=1e-4)
     assert losses[-1] < losses[0]
-    assert (run_dir / "checkpoints" / "step_6" / "rng_rank1.pt").exists()
+    assert (run_dir / "checkpoints" / "step_6" / "rng_rank1.json").exists()
     assert (run_dir / "final" / "model.safetensors").exists()
 
 
