@@ -1,0 +1,65 @@
+"""One process per run dir: an exclusive lock naming its holder; a second run exits 2 naming the first's pid;
+a lock left by a killed run is taken over with a warning."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+from helpers import cli_env, run_posttrain
+
+from posttrain.run_dir import LOCK_FILE, lock_run_dir, unlock_run_dir
+
+HOLD = "import sys, time; from posttrain.run_dir import lock_run_dir; lock_run_dir(sys.argv[1]); print('locked', flush=True); time.sleep(120)"  # noqa: E501
+
+
+def hold_lock(run_dir) -> subprocess.Popen:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run_dir)], env=cli_env(), stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_second_run_on_a_locked_run_dir_exits_2_naming_the_first_pid_and_writes_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    holder = hold_lock(run_dir)
+    try:
+        assert json.loads((run_dir / LOCK_FILE).read_text())["pid"] == holder.pid
+        result = run_posttrain(f"run_dir={run_dir}", "train.max_steps=2", "logger.progress_bar=false", timeout=300)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert f"is in use by pid {holder.pid} on host" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert [p.name for p in run_dir.iterdir()] == [LOCK_FILE]  # no config.yaml, metrics or checkpoints
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    holder = hold_lock(run_dir)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert json.loads((run_dir / LOCK_FILE).read_text())["pid"] == holder.pid  # the dead run's lock file stays
+    with caplog.at_level(logging.WARNING, logger="posttrain"):
+        lock_run_dir(run_dir)
+    try:
+        assert f"taking over the lock of pid {holder.pid}" in caplog.text and "(dead)" in caplog.text
+        assert json.loads((run_dir / LOCK_FILE).read_text())["pid"] == os.getpid()
+    finally:
+        unlock_run_dir(run_dir)
+    assert not (run_dir / LOCK_FILE).exists()
+
+
+def test_unlock_removes_a_run_dir_the_lock_created_and_nothing_else(tmp_path):
+    fresh, existing = tmp_path / "fresh", tmp_path / "existing"
+    existing.mkdir()
+    for run_dir in (fresh, existing):
+        lock_run_dir(run_dir)
+        lock_run_dir(run_dir)  # re-entrant within one process
+        assert (run_dir / LOCK_FILE).exists()
+        unlock_run_dir(run_dir)
+    assert not fresh.exists() and existing.is_dir() and not any(existing.iterdir())
