@@ -1,9 +1,14 @@
-"""RLVR on the hf rollout backend resumes exactly: a run crashed after its step-2 checkpoint and rerun draws
-the same samples as the uninterrupted run (each step's sampling seed derives from rollout.seed, the step and
-the rank, never from a sampler stream a checkpoint does not hold), so the whole metrics curve is identical."""
+"""RLVR resumes exactly on both rollout backends: a run crashed (hf, in-process) or SIGKILLed (vllm, the CLI) after
+its step-2 checkpoint and rerun draws the same samples as the uninterrupted run (each step's sampling seed derives
+from rollout.seed, the step and the rank, never from a sampler stream a checkpoint does not hold), so the whole
+metrics curve is identical."""
+
+import signal
+import subprocess
+import time
 
 import pytest
-from helpers import compose_config
+from helpers import cli_env, compose_config, posttrain_command, run_posttrain
 
 from posttrain import training
 from posttrain.logging import read_metrics
@@ -62,3 +67,27 @@ def test_step_seeds_depend_on_seed_step_and_rank_only():
     assert unseeded.seed == step_seed(5, 2, 0) and unseeded.n == 4
     seeded = sampling_for_step(SamplingConfig(seed=11), rollout_seed=5, step=2, rank=0)
     assert seeded.seed == step_seed(11, 2, 0)  # an explicit algo.sampling.seed replaces rollout.seed as the base
+
+
+@pytest.mark.vllm
+def test_rlvr_on_vllm_sigkilled_after_a_checkpoint_and_rerun_logs_the_uninterrupted_curve(tmp_path):
+    """Each run is its own `posttrain` process with its own in-process vLLM engine (so this test's process never
+    builds one and needs no isolation): three engine start-ups, about a minute on CPU."""
+    args = [arg.replace("rollout=hf", "rollout=vllm") for arg in ARGS]
+    whole = run_posttrain(f"run_dir={tmp_path / 'whole'}", *args)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    run_dir = tmp_path / "killed"
+    command = posttrain_command(f"run_dir={run_dir}", *args)
+    process = subprocess.Popen(command, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while process.poll() is None and time.time() < deadline and not (run_dir / "checkpoints" / "step_2").exists():
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (run_dir / "checkpoints" / "step_2").is_dir() and not (run_dir / "final").exists()
+    rerun = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resumed from" in rerun.stderr and "taking over the lock of pid" in rerun.stderr
+    expected = curve(tmp_path / "whole")
+    assert any(row["grad_norm"] > 0 for row in expected[2:])
+    assert curve(run_dir) == expected
