@@ -6,6 +6,7 @@ Only rank 0 logs.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.engine.distributed import is_main_process
+from posttrain.errors import DiskFullError
 
 log = logging.getLogger("posttrain")
 
@@ -86,8 +88,16 @@ class MetricsLogger:
             "step": step,
             **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()},
         }
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(
+                    f"disk full while appending step {step} to {self.path}: free space and rerun the same command "
+                    "(it resumes from the newest checkpoint and drops the rows after it)"
+                ) from None
+            raise
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
         if self.progress is not None:

@@ -10,6 +10,7 @@ run_dir/final/                a Hugging Face model directory (safetensors, token
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -21,7 +22,7 @@ from omegaconf import OmegaConf
 
 from posttrain.engine.checkpoint import checkpoint_problem, latest_valid_checkpoint, list_checkpoints
 from posttrain.engine.distributed import is_main_process
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, DiskFullError
 
 log = logging.getLogger("posttrain")
 
@@ -61,7 +62,13 @@ def write_config(run_dir: Path, cfg) -> None:
     if target.is_file() and target.read_text() == text:
         return
     staging = run_dir / ".config.yaml.tmp"
-    staging.write_text(text)
+    try:
+        staging.write_text(text)
+    except OSError as error:
+        staging.unlink(missing_ok=True)
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"disk full while writing {target}: free space and rerun the same command") from None
+        raise
     os.replace(staging, target)
 
 

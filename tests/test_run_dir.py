@@ -1,16 +1,23 @@
-"""One process per run dir: an exclusive lock naming its holder; a second run exits 2 naming the first's pid;
-a lock left by a killed run is taken over with a warning."""
+"""The run dir: one process per run dir (an exclusive lock naming its holder; a second run exits 2 naming the
+first's pid; a lock left by a killed run is taken over with a warning), and a full disk while writing the config or
+a metrics row is one line."""
 
+import errno
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 from helpers import cli_env, run_posttrain
+from omegaconf import OmegaConf
 
-from posttrain.run_dir import LOCK_FILE, lock_run_dir, unlock_run_dir
+from posttrain.errors import DiskFullError
+from posttrain.logging import MetricsLogger
+from posttrain.run_dir import LOCK_FILE, lock_run_dir, unlock_run_dir, write_config
 
 HOLD = "import sys, time; from posttrain.run_dir import lock_run_dir; lock_run_dir(sys.argv[1]); print('locked', flush=True); time.sleep(120)"  # noqa: E501
 
@@ -63,3 +70,28 @@ def test_unlock_removes_a_run_dir_the_lock_created_and_nothing_else(tmp_path):
         assert (run_dir / LOCK_FILE).exists()
         unlock_run_dir(run_dir)
     assert not fresh.exists() and existing.is_dir() and not any(existing.iterdir())
+
+
+def enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_write_config_on_a_full_disk_is_one_line_and_an_unchanged_config_is_not_rewritten(tmp_path, monkeypatch):
+    cfg = OmegaConf.create({"seed": 1, "run_dir": str(tmp_path)})
+    write_config(tmp_path, cfg)
+    before = (tmp_path / "config.yaml").read_text()
+    monkeypatch.setattr(Path, "write_text", enospc)
+    write_config(tmp_path, cfg)  # a resumed run with the same config writes nothing, so a full disk is no obstacle
+    with pytest.raises(DiskFullError, match=r"^disk full while writing .*config.yaml: free space and rerun"):
+        write_config(tmp_path, OmegaConf.create({"seed": 2, "run_dir": str(tmp_path)}))
+    assert (tmp_path / "config.yaml").read_text() == before
+    assert not (tmp_path / ".config.yaml.tmp").exists()
+
+
+def test_a_metrics_row_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    logger_cfg = OmegaConf.create({"progress_bar": False, "wandb": False, "log_every": 1})
+    logger = MetricsLogger(tmp_path, logger_cfg, {}, total_steps=4)
+    logger.log(1, {"loss": 1.0})
+    monkeypatch.setattr(Path, "open", enospc)
+    with pytest.raises(DiskFullError, match=r"^disk full while appending step 2 to .*metrics.jsonl"):
+        logger.log(2, {"loss": 0.5})

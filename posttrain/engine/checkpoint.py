@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from posttrain.engine.distributed import barrier, is_main_process, rank
-from posttrain.errors import PosttrainError
+from posttrain.errors import DiskFullError, PosttrainError
 
 log = logging.getLogger("posttrain")
 
@@ -45,7 +45,7 @@ RNG_FILE = re.compile(r"^rng_rank(\d+)\.json$")
 
 
 class CheckpointError(PosttrainError):
-    """A checkpoint cannot be written (disk full) or must not be loaded (unsafe content)."""
+    """A checkpoint must not be loaded (unsafe content), or no checkpoint in the run dir is usable."""
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -147,7 +147,7 @@ def _write_staging(engine, staging: Path, step: int, trainer_state: dict[str, An
 
 def save_checkpoint(engine, run_dir: Path, step: int, trainer_state: dict[str, Any], keep_last: int) -> Path:
     """Write checkpoint `step` atomically on all ranks; returns its final path. A full disk raises
-    CheckpointError (one line) after removing the staging directory; older checkpoints are untouched."""
+    DiskFullError (one line) after removing the staging directory; older checkpoints are untouched."""
     root = checkpoint_root(run_dir)
     final = root / f"step_{step}"
     staging = root / f".tmp-step_{step}"
@@ -166,7 +166,7 @@ def save_checkpoint(engine, run_dir: Path, step: int, trainer_state: dict[str, A
         if not is_disk_full(error, root):
             raise
         shutil.rmtree(staging, ignore_errors=True)
-        raise CheckpointError(
+        raise DiskFullError(
             f"disk full while writing checkpoint {final} (no space left on device); its staging directory was "
             f"removed and the older checkpoints are intact: free space (or lower checkpoint.keep_last) and rerun "
             "the same command to resume"

@@ -27,6 +27,7 @@ from posttrain.engine.checkpoint import (
     rng_state,
     save_checkpoint,
 )
+from posttrain.errors import DiskFullError
 
 
 class FakeEngine:
@@ -184,7 +185,7 @@ def test_disk_full_during_a_save_removes_the_staging_dir_and_keeps_older_checkpo
     before = sorted((p.relative_to(tmp_path), p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file())
     if isinstance(error, RuntimeError):  # torch.save's message names no errno: the free space tells
         monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 0))
-    with pytest.raises(CheckpointError, match=r"^disk full while writing checkpoint .*step_4 .*rerun") as raised:
+    with pytest.raises(DiskFullError, match=r"^disk full while writing checkpoint .*step_4 .*rerun") as raised:
         save_checkpoint(DiskFullEngine(error), tmp_path, 4, {"algo": "sft"}, keep_last=3)
     assert "\n" not in str(raised.value)
     assert not (tmp_path / "checkpoints" / ".tmp-step_4").exists()

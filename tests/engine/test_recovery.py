@@ -14,7 +14,8 @@ import torch
 from helpers import compose_config
 
 from posttrain import training
-from posttrain.engine.checkpoint import CheckpointError, checkpoint_problem, list_checkpoints
+from posttrain.engine.checkpoint import checkpoint_problem, list_checkpoints
+from posttrain.errors import DiskFullError
 from posttrain.logging import read_metrics
 from posttrain.training import run_algorithm
 
@@ -126,7 +127,7 @@ def test_disk_full_is_one_clear_error_and_the_rerun_resumes(uninterrupted, tmp_p
 
     with monkeypatch.context() as patch:
         patch.setattr(torch, "save", full_disk_save)
-        with pytest.raises(CheckpointError, match=r"^disk full while writing checkpoint .*step_4") as raised:
+        with pytest.raises(DiskFullError, match=r"^disk full while writing checkpoint .*step_4") as raised:
             run(run_dir)
     assert "\n" not in str(raised.value)
     assert [step for step, _ in list_checkpoints(run_dir)] == [2]
@@ -158,11 +159,11 @@ def test_a_real_full_tmpfs_ends_with_one_clear_error_and_a_rerun_with_space_resu
         pytest.skip("cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN); the simulated ENOSPC test covers it")
     try:
         run_dir = disk / "run"
-        with pytest.raises(CheckpointError, match=r"^disk full while writing checkpoint .*step_4"):
+        with pytest.raises(DiskFullError, match=r"^disk full while writing checkpoint .*step_4"):
             run(run_dir)
         assert [step for step, _ in list_checkpoints(run_dir)] == [2]
         assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
-        with pytest.raises(CheckpointError, match=r"^disk full while writing checkpoint .*step_4"):
+        with pytest.raises(DiskFullError, match=r"^disk full while writing checkpoint .*step_4"):
             run(run_dir)  # still full: it resumes (no write_config failure) and fails the same clean way
         assert mount_tmpfs(disk, 2**28, remount=True)
         run(run_dir)
