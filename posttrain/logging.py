@@ -39,11 +39,15 @@ def _keep_rows_before(path: Path, start_step: int) -> None:
     `start_step` itself was logged before its checkpoint was written, and that step is not redone)."""
     if not path.exists():
         return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and start_step > 0 and json.loads(line).get("step", 0) <= start_step
-    ]
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            step = json.loads(line).get("step", 0) if line.strip() else None
+        except ValueError:  # a row cut short by a kill or a full disk: it is logged again
+            log.warning("metrics.jsonl: dropping a partly written row (%s...)", line[:60])
+            continue
+        if step is not None and start_step > 0 and step <= start_step:
+            kept.append(line)
     staging = path.with_suffix(".jsonl.tmp")
     staging.write_text("".join(line + "\n" for line in kept))
     os.replace(staging, path)

@@ -95,3 +95,14 @@ def test_a_metrics_row_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "open", enospc)
     with pytest.raises(DiskFullError, match=r"^disk full while appending step 2 to .*metrics.jsonl"):
         logger.log(2, {"loss": 0.5})
+
+
+def test_a_partly_written_metrics_row_is_dropped_on_resume(tmp_path):
+    rows = [json.dumps({"step": step, "loss": 1.0 / step}) for step in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + '\n{"step": 4, "lo')
+    logger_cfg = OmegaConf.create({"progress_bar": False, "wandb": False, "log_every": 1})
+    MetricsLogger(tmp_path, logger_cfg, {}, total_steps=6, start_step=2).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == "\n".join(rows[:2]) + "\n"
+    (tmp_path / "metrics.jsonl").write_text(rows[0] + '\n{"step": 2, "lo')
+    MetricsLogger(tmp_path, logger_cfg, {}, total_steps=6, start_step=2).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == rows[0] + "\n"
