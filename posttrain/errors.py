@@ -11,3 +11,7 @@ class DataError(PosttrainError):
 
 class ConfigError(PosttrainError):
     """A configuration value is missing, unknown or inconsistent."""
+
+
+class DiskFullError(PosttrainError):
+    """A write failed for lack of space (ENOSPC / EDQUOT): the message names what, nothing half-written is kept."""

@@ -6,6 +6,7 @@ Only rank 0 logs.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.engine.distributed import is_main_process
+from posttrain.errors import DiskFullError
 
 log = logging.getLogger("posttrain")
 
@@ -37,11 +39,15 @@ def _keep_rows_before(path: Path, start_step: int) -> None:
     `start_step` itself was logged before its checkpoint was written, and that step is not redone)."""
     if not path.exists():
         return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and start_step > 0 and json.loads(line).get("step", 0) <= start_step
-    ]
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            step = json.loads(line).get("step", 0) if line.strip() else None
+        except ValueError:  # a row cut short by a kill or a full disk: it is logged again
+            log.warning("metrics.jsonl: dropping a partly written row (%s...)", line[:60])
+            continue
+        if step is not None and start_step > 0 and step <= start_step:
+            kept.append(line)
     staging = path.with_suffix(".jsonl.tmp")
     staging.write_text("".join(line + "\n" for line in kept))
     os.replace(staging, path)
@@ -86,8 +92,16 @@ class MetricsLogger:
             "step": step,
             **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()},
         }
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(
+                    f"disk full while appending step {step} to {self.path}: free space and rerun the same command "
+                    "(it resumes from the newest checkpoint and drops the rows after it)"
+                ) from None
+            raise
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
         if self.progress is not None:

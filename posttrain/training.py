@@ -31,7 +31,7 @@ from posttrain.data.batching import StepPlan
 from posttrain.data.loading import load_rows
 from posttrain.data.preference import PreferenceExample, build_preference_examples, preference_texts
 from posttrain.engine import backend
-from posttrain.engine.checkpoint import load_checkpoint, save_checkpoint
+from posttrain.engine.checkpoint import load_checkpoint, remove_staging_dirs, save_checkpoint
 from posttrain.engine.distributed import init_distributed, rank
 from posttrain.errors import ConfigError
 from posttrain.logging import MetricsLogger
@@ -39,7 +39,7 @@ from posttrain.models.loading import DTYPES, load_model, load_tokenizer
 from posttrain.models.logprob_model import CausalLMWithLogprobs
 from posttrain.models.logprobs import completion_logprobs, idle_example
 from posttrain.models.lora import wrap_lora
-from posttrain.run_dir import resume_point, write_config
+from posttrain.run_dir import lock_run_dir, resume_point, unlock_run_dir, write_config
 
 log = logging.getLogger("posttrain")
 
@@ -129,8 +129,8 @@ def shared_config_problems(cfg) -> list[str]:
 
 
 def start_run(cfg, algorithm) -> Run:
-    """Distributed init, seeding, every config check (one ConfigError listing all problems), the resume point.
-    Nothing is written to the run dir."""
+    """Distributed init, seeding, every config check (one ConfigError listing all problems), the run-dir lock, the
+    resume point (the newest valid checkpoint). Nothing but the lock file is written to the run dir."""
     init_distributed()
     seed_everything(cfg.seed + rank())
     problems = shared_config_problems(cfg)
@@ -139,6 +139,8 @@ def start_run(cfg, algorithm) -> Run:
     if algorithm.check is not None:
         algorithm.check(cfg)
     run_dir = Path(cfg.run_dir)
+    lock_run_dir(run_dir)  # the one write before set-up: this process's claim on run_dir (ConfigError if taken)
+    remove_staging_dirs(run_dir)
     return Run(cfg, algorithm, run_dir, resume_point(run_dir, cfg.resume))
 
 
@@ -264,7 +266,10 @@ def run_algorithm(cfg) -> Path:
     algorithm = get_algorithm(cfg.algo.name)
     if not algorithm.is_trainer:
         return algorithm.entry(cfg)
-    run = start_run(cfg, algorithm)
-    trainer = algorithm.entry(run)
-    run_loop(run, trainer)
+    try:
+        run = start_run(cfg, algorithm)
+        trainer = algorithm.entry(run)
+        run_loop(run, trainer)
+    finally:
+        unlock_run_dir(Path(cfg.run_dir))
     return run.run_dir

@@ -161,6 +161,22 @@ def compute_reference_logprobs(
     return ReferenceLogprobs(full_chosen, full_rejected)
 
 
+def read_reference_cache(path: Path, key: str, num_pairs: int) -> tuple[ReferenceLogprobs | None, str]:
+    """(the cached log-probs, "") or (None, what is wrong: unreadable (truncated, not a tensor file, a pickle with
+    objects, which weights_only refuses), another key, or not `num_pairs` finite sums each)."""
+    try:
+        stored = torch.load(path, weights_only=True)
+        chosen, rejected = stored["chosen"], stored["rejected"]
+    except Exception as error:  # truncated zip, pickled objects, missing keys: a broken file, never fatal
+        return None, f"is unreadable ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+    if stored.get("key") != key:
+        return None, "belongs to another run (its key differs)"
+    for values in (chosen, rejected):
+        if not torch.is_tensor(values) or values.shape != (num_pairs,) or not torch.isfinite(values).all():
+            return None, f"does not hold {num_pairs} finite sums per side"
+    return ReferenceLogprobs(chosen, rejected), ""
+
+
 def cached_reference_logprobs(
     key: str, cache_dir: Path, num_pairs: int, compute: Callable[[], ReferenceLogprobs]
 ) -> tuple[ReferenceLogprobs, bool]:
@@ -168,11 +184,11 @@ def cached_reference_logprobs(
     atomically: a temporary file renamed into place, so a killed run never leaves a half file)."""
     path = Path(cache_dir) / f"{key}.pt"
     if path.exists():
-        stored = torch.load(path, weights_only=True)
-        if stored["key"] == key and stored["chosen"].shape[0] == num_pairs:
+        stored, problem = read_reference_cache(path, key, num_pairs)
+        if stored is not None:
             log.info("reference log-probs: cache hit %s (%d pairs); no reference model needed", path, num_pairs)
-            return ReferenceLogprobs(stored["chosen"], stored["rejected"]), True
-        log.warning("reference log-prob cache %s does not match this run; recomputing", path)
+            return stored, True
+        log.warning("reference log-prob cache %s %s; recomputing it", path, problem)
     result = compute()
     if is_main_process():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,8 @@ trainers that sample (RLVR, GPO, on-policy data, evals) embed it in their own al
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,3 +62,19 @@ class SamplingConfig:
     stop_token_ids: list[int] = field(default_factory=list)  # in addition to the tokenizer's EOS (kept in token_ids)
     ignore_eos: bool = False  # keep generating past EOS (benchmarks)
     seed: int | None = None  # vllm: request i sample j uses seed + i * n + j; hf: seeds the whole call
+
+
+def step_seed(base: int, step: int, rank: int) -> int:
+    """The sampling seed of optimizer step `step` on `rank`: a function of the three alone (SHA-256, 31 bits), so a
+    run resumed from a checkpoint draws the very samples the uninterrupted run drew, on either backend (hf seeds
+    the call's generator with it; vllm gives request i sample j the seed + i * n + j)."""
+    digest = hashlib.sha256(f"posttrain-rollout/{base}/{step}/{rank}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def sampling_for_step(sampling: Any, rollout_seed: int, step: int, rank: int) -> SamplingConfig:
+    """`sampling` (a SamplingConfig or its fields) seeded for `step`: from its own seed when one is set, else from
+    `rollout.seed`. The backends' private streams are never used for training samples (they are not checkpointed)."""
+    request = sampling if isinstance(sampling, SamplingConfig) else SamplingConfig(**sampling)
+    base = rollout_seed if request.seed is None else request.seed
+    return dataclasses.replace(request, seed=step_seed(base, step, rank))

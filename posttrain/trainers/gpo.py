@@ -35,9 +35,9 @@ from posttrain.losses import SELF_PLAY_LOSSES
 from posttrain.losses.preference import mean_preference_scores, self_play_targets
 from posttrain.models.logprobs import pair_logprob_rows, pair_logprob_sums
 from posttrain.models.reward import load_preference_scorer, reward_model_dir_problem
-from posttrain.rollout.config import SamplingConfig
+from posttrain.rollout.config import SamplingConfig, sampling_for_step
 from posttrain.rollout.pairs import SampledPairs, best_worst_pairs, group_metrics, group_statistics
-from posttrain.rollout.samples import grouped_completions, iteration_sampling, load_or_draw_samples, rollout_model_dir
+from posttrain.rollout.samples import grouped_completions, load_or_draw_samples, rollout_model_dir
 from posttrain.rollout.service import build_rollout_service
 from posttrain.trainers import register_algo
 from posttrain.training import Run, build_engine, pair_loss_scale, policy_module
@@ -129,8 +129,8 @@ class GPO:
         )  # fmt: skip
 
     def sampling(self, iteration: int) -> SamplingConfig:
-        """`algo.sampling`; a set seed is offset per iteration (reproducible, never reused)."""
-        return iteration_sampling(SamplingConfig(**self.cfg.algo.sampling), iteration)
+        """`algo.sampling` seeded for `iteration` (from its seed or rollout.seed): a resumed run draws the same."""
+        return sampling_for_step(self.cfg.algo.sampling, self.cfg.rollout.seed, iteration, rank())
 
     def train_step(self, step: int) -> dict[str, float]:
         """One self-play iteration (module docstring, steps 1-5) and the weight sync."""

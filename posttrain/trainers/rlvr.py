@@ -30,7 +30,7 @@ from posttrain.models.logprobs import completion_logprob_rows, completion_logpro
 from posttrain.models.reference import reference_logprob_rows, refresh_reference
 from posttrain.rewards import VERIFIERS
 from posttrain.rewards.reward import rollout_reward_metrics, score_completions
-from posttrain.rollout.config import SamplingConfig
+from posttrain.rollout.config import SamplingConfig, sampling_for_step
 from posttrain.rollout.samples import PolicySample, policy_samples, rollout_model_dir
 from posttrain.rollout.service import build_rollout_service
 from posttrain.trainers import register_algo
@@ -124,7 +124,9 @@ class RLVR:
         algo = self.cfg.algo
         prompts = [self.train_prompts[i] for i in self.plan.micro_batches(step // self.steps_per_update, rank())[0]]
         started = time.perf_counter()
-        completions = self.rollout.generate([p.prompt for p in prompts], SamplingConfig(**algo.sampling))
+        completions = self.rollout.generate(
+            [p.prompt for p in prompts], sampling_for_step(algo.sampling, self.cfg.rollout.seed, step, rank())
+        )
         rewards, counts = score_completions(
             prompts, completions, algo.verification_reward, algo.nonstop_penalty, algo.verifier_timeout_s
         )

@@ -202,7 +202,7 @@ def test_tokenised_split_is_cached_by_content_hash(tmp_path, monkeypatch, files,
     again, _ = build_sft_examples(rows, tiny_tokenizer, data_cfg, "train")
     assert len(calls) == 1 and [e.input_ids for e in again] == [e.input_ids for e in first]
     assert [e.input_ids for e in first] == [e.input_ids for e in real(rows, tiny_tokenizer, data_cfg, "train")[0]]
-    assert len(list((tmp_path / "cache" / "tokenized").glob("*.pkl"))) == 1
+    assert len(list((tmp_path / "cache" / "tokenized").glob("*.json"))) == 1
 
     build_sft_examples(rows[:-1], tiny_tokenizer, data_cfg, "train")  # other rows: a new key
     build_sft_examples(

