@@ -10,12 +10,14 @@ arguments; every loss returns `(loss, metrics)`, metrics a dict of detached tens
   *, beta, label_smoothing, **loss_specific), all [B] per-sequence sums.
 - REWARD_MODEL_LOSSES (bt, gpm): (chosen_values [B, D], rejected_values [B, D], gate [B, k] | None, *, margin, tau).
 - SELF_PLAY_LOSSES (gpo, sppo): (policy_w, policy_l, reference_w, reference_l, target_w, target_l, *, beta).
-- POLICY_LOSSES (grpo): (logprobs, old_logprobs, advantages, mask, *, clip_low, clip_high, reference_logprobs,
-  kl_beta, kl_estimator, entropy, entropy_coef, aggregation, constant_normalizer), per-token [B, T].
+- POLICY_LOSSES (grpo, gspo, gspo_token): (logprobs, old_logprobs, advantages, mask, *, clip_low, clip_high,
+  reference_logprobs, kl_beta, kl_estimator, entropy, entropy_coef, aggregation, constant_normalizer,
+  token_weights), per-token [B, T].
 
 Estimators beside them: SELF_PLAY_TARGETS (score matrix [.., K, K], tau -> per-response targets, keyed by the
 self-play loss), ADVANTAGE_ESTIMATORS (rewards [P, G] -> advantages, keep mask), KL_ESTIMATORS (per-token
-log-ratio -> per-token KL estimate). The SFT loss has no variants: `posttrain.losses.sft.sft_loss`.
+log-ratio -> per-token KL estimate), ROLLOUT_CORRECTIONS (off, tis, mis: (old_logprobs, rollout_logprobs, mask, *, cap)
+-> per-token weights of the policy-gradient term). The SFT loss has no variants: `posttrain.losses.sft.sft_loss`.
 """
 
 from posttrain.registry import Registry
@@ -27,6 +29,7 @@ POLICY_LOSSES: Registry = Registry("policy-gradient loss", group="loss")
 SELF_PLAY_TARGETS: Registry = Registry("self-play target")
 ADVANTAGE_ESTIMATORS: Registry = Registry("advantage estimator")
 KL_ESTIMATORS: Registry = Registry("KL estimator")
+ROLLOUT_CORRECTIONS: Registry = Registry("rollout correction")
 
 # Importing the modules registers their losses.
-from posttrain.losses import dpo, policy, preference, sft  # noqa: E402,F401
+from posttrain.losses import dpo, policy, preference, rollout_correction, sft  # noqa: E402,F401
