@@ -105,3 +105,14 @@ def rollout_correction_problems(name: str, cap: float) -> list[str]:
             "(about 2 is usual)"
         ]
     return []
+
+
+def corrected_policy_loss(
+    loss_fn, logprobs, old_logprobs, rollout_logprobs, advantages, mask, *, correction: str, cap: float, **loss_kwargs
+):
+    """A POLICY_LOSSES `loss_fn` with the policy-gradient term weighted by the rollout correction `correction`
+    (cap C) of old_logprobs against rollout_logprobs; returns (loss, metrics, mismatch_sums). With `off` the
+    weights are the mask, which leaves the loss unchanged."""
+    weights = rollout_correction_weights(correction, old_logprobs, rollout_logprobs, mask, cap)
+    loss, metrics = loss_fn(logprobs, old_logprobs, advantages, mask, token_weights=weights, **loss_kwargs)
+    return loss, metrics, mismatch_sums(old_logprobs, rollout_logprobs, mask, cap)
