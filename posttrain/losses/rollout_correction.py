@@ -10,6 +10,8 @@ response tokens; all [B, T]. Every correction returns detached weights [B, T] fo
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from posttrain.losses import KL_ESTIMATORS, ROLLOUT_CORRECTIONS
@@ -45,7 +47,7 @@ def masked_importance_sampling(old_logprobs, rollout_logprobs, mask, *, cap: flo
     rho = pi_old_trainer(y) / pi_rollout(y) = exp(sum_t (old_t - rollout_t)) leaves [1/C, C] gets w = 0 on all its
     tokens (dropped from the policy gradient), every other sequence w = 1. The bounds themselves are kept."""
     log_rho = _sequence_log_ratio(old_logprobs, rollout_logprobs, mask)
-    inside = (log_rho.abs() <= torch.log(torch.tensor(cap, dtype=log_rho.dtype))).to(old_logprobs.dtype)
+    inside = (log_rho.abs() <= math.log(cap)).to(old_logprobs.dtype)
     return inside[:, None] * mask.to(old_logprobs.dtype)
 
 
@@ -72,12 +74,12 @@ def mismatch_sums(
     log_ratio = _token_log_ratio(old_logprobs, rollout_logprobs, mask)
     k3 = KL_ESTIMATORS.get("k3")(log_ratio) * mask
     has_tokens = mask.sum(-1) > 0
-    outside = (log_ratio.sum(-1).abs() > torch.log(torch.tensor(cap, dtype=log_ratio.dtype))) & has_tokens
+    outside = (log_ratio.sum(-1).abs() > math.log(cap)) & has_tokens
     return {
         "tokens": float(mask.sum()),
         "abs_log_ratio": float(log_ratio.abs().sum()),
         "k3": float(k3.sum()),
-        "capped_tokens": float(((log_ratio > torch.log(torch.tensor(cap, dtype=log_ratio.dtype))) * mask).sum()),
+        "capped_tokens": float(((log_ratio > math.log(cap)) * mask).sum()),
         "sequences": float(has_tokens.sum()),
         "masked_sequences": float(outside.sum()),
     }
