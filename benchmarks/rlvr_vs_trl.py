@@ -29,7 +29,7 @@ minibatches_per_epoch=1; TRL num_iterations=1) in micro-batches of --micro-batch
 `train.gradient_accumulation_steps`, TRL per_device_train_batch_size x gradient_accumulation_steps);
 torch.optim.AdamW, constant lr --lr, clipping 1.0, fp32, no gradient checkpointing. With random weights every
 reward is 0, so every group has zero variance; posttrain would drop all of them and skip training, so it runs
-with `algo.drop_zero_variance_groups=false` and both sides train on every completion (zero advantages still
+with `algo.dynamic_sampling=off` and both sides train on every completion (zero advantages still
 cost a full forward and backward).
 
 Sides, each in its own fresh subprocess with --threads torch threads (OMP_NUM_THREADS too), one after the other:
@@ -195,7 +195,7 @@ def posttrain_config(spec: dict, backend: str, run_dir: Path):
         "algo.sampling.top_p=1.0",
         f"algo.sampling.stop_token_ids={spec['stop_token_ids']}",
         "algo.advantage=standard",
-        "algo.drop_zero_variance_groups=false",
+        "algo.dynamic_sampling=off",
         f"algo.clip_low={CLIP_LOW}",
         f"algo.clip_high={CLIP_HIGH}",
         "algo.kl_beta=0.0",

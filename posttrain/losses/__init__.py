@@ -12,12 +12,14 @@ arguments; every loss returns `(loss, metrics)`, metrics a dict of detached tens
 - SELF_PLAY_LOSSES (gpo, sppo): (policy_w, policy_l, reference_w, reference_l, target_w, target_l, *, beta).
 - DIVERGENCES (distillation: forward_kl, reverse_kl, jsd over the vocabulary, [N, V] logits of both models ->
   [N]; sampled_reverse_kl from the two log-probs of the sampled tokens, [N] -> [N]): `posttrain.losses.distill`.
-- POLICY_LOSSES (grpo): (logprobs, old_logprobs, advantages, mask, *, clip_low, clip_high, reference_logprobs,
-  kl_beta, kl_estimator, entropy, entropy_coef, aggregation, constant_normalizer), per-token [B, T].
+- POLICY_LOSSES (grpo, gspo, gspo_token): (logprobs, old_logprobs, advantages, mask, *, clip_low, clip_high,
+  reference_logprobs, kl_beta, kl_estimator, entropy, entropy_coef, aggregation, constant_normalizer,
+  token_weights), per-token [B, T].
 
 Estimators beside them: SELF_PLAY_TARGETS (score matrix [.., K, K], tau -> per-response targets, keyed by the
 self-play loss), ADVANTAGE_ESTIMATORS (rewards [P, G] -> advantages, keep mask), KL_ESTIMATORS (per-token
-log-ratio -> per-token KL estimate). The SFT loss has no variants: `posttrain.losses.sft.sft_loss`.
+log-ratio -> per-token KL estimate), ROLLOUT_CORRECTIONS (off, tis, mis: (old_logprobs, rollout_logprobs, mask, *, cap)
+-> per-token weights of the policy-gradient term). The SFT loss has no variants: `posttrain.losses.sft.sft_loss`.
 """
 
 from posttrain.registry import Registry
@@ -30,6 +32,7 @@ DIVERGENCES: Registry = Registry("distillation divergence", group="loss")
 SELF_PLAY_TARGETS: Registry = Registry("self-play target")
 ADVANTAGE_ESTIMATORS: Registry = Registry("advantage estimator")
 KL_ESTIMATORS: Registry = Registry("KL estimator")
+ROLLOUT_CORRECTIONS: Registry = Registry("rollout correction")
 
 # Importing the modules registers their losses.
-from posttrain.losses import distill, dpo, policy, preference, sft  # noqa: E402,F401
+from posttrain.losses import distill, dpo, policy, preference, rollout_correction, sft  # noqa: E402,F401

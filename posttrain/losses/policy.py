@@ -10,6 +10,7 @@ import torch
 
 from posttrain.errors import ConfigError
 from posttrain.losses import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES
+from posttrain.losses.dynamic_sampling import informative_groups
 
 Metrics = dict[str, torch.Tensor]
 
@@ -45,7 +46,7 @@ def group_advantages(
     if rewards.dim() != 2:
         raise ValueError(f"rewards has shape {list(rewards.shape)}; expected [num_prompts, group_size]")
     # Exact equality, not std < tol: a group is dropped only when it truly has no signal.
-    keep_mask = rewards.amax(-1) != rewards.amin(-1)
+    keep_mask = informative_groups(rewards)
     advantages = estimator(rewards, eps=eps) if mode == "standard" else estimator(rewards)
     # Zero exactly: the float mean of equal values can differ from them in the last bit.
     advantages = torch.where(keep_mask[:, None], advantages, torch.zeros_like(advantages))
@@ -134,40 +135,10 @@ def _token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return aggregate_token_losses(values.detach(), mask, "token_mean")
 
 
-@POLICY_LOSSES.register("grpo")
-def grpo(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    clip_low: float,
-    clip_high: float,
-    reference_logprobs: torch.Tensor | None = None,
-    kl_beta: float = 0.0,
-    kl_estimator: str = "k3",
-    entropy: torch.Tensor | None = None,
-    entropy_coef: float = 0.0,
-    aggregation: str = "token_mean",
-    constant_normalizer: float | None = None,
-) -> tuple[torch.Tensor, Metrics]:
-    """Clipped policy-gradient loss of GRPO (Shao et al. 2024), with DAPO clip-higher (Yu et al. 2025).
-
-    ratio = exp(logp - logp_old); per token
-        pg = max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high))
-        x  = pg + kl_beta * k(logp_ref - logp) - entropy_coef * entropy
-    and loss = aggregate_token_losses(x, mask, aggregation, constant_normalizer).
-
-    Shapes: logprobs, old_logprobs, mask, reference_logprobs, entropy [B, T]; advantages [B] (one per
-    sequence, broadcast over tokens) or [B, T]. old_logprobs, advantages and reference_logprobs are
-    treated as constants (detached); entropy is not, so the bonus has a gradient.
-    Metrics (detached): loss; policy_loss (pg, aggregated like the loss); clip_fraction (token share where
-    the clipped term is active, i.e. the gradient is cut); ratio_mean; kl (token mean, only when
-    reference_logprobs is given); entropy (token mean, only when entropy is given).
-    """
+def _check_policy_inputs(name, logprobs, old_logprobs, advantages, mask, kl_beta, reference, entropy_coef, entropy):
     if not logprobs.shape == old_logprobs.shape == mask.shape or logprobs.dim() != 2:
         raise ValueError(
-            f"grpo expects logprobs, old_logprobs and mask of equal shape [B, T]; got "
+            f"{name} expects logprobs, old_logprobs and mask of equal shape [B, T]; got "
             f"{list(logprobs.shape)}, {list(old_logprobs.shape)}, {list(mask.shape)}"
         )
     if advantages.dim() == 1:
@@ -176,18 +147,46 @@ def grpo(
         raise ValueError(
             f"advantages has shape {list(advantages.shape)}; expected [B] or [B, T] with B = {logprobs.shape[0]}"
         )
-    if kl_beta != 0.0 and reference_logprobs is None:
-        raise ValueError(f"grpo: kl_beta = {kl_beta} needs reference_logprobs; pass them or set kl_beta = 0")
+    if kl_beta != 0.0 and reference is None:
+        raise ValueError(f"{name}: kl_beta = {kl_beta} needs reference_logprobs; pass them or set kl_beta = 0")
     if entropy_coef != 0.0 and entropy is None:
         raise ValueError(
-            f"grpo: entropy_coef = {entropy_coef} needs the per-token entropy; pass it or set entropy_coef = 0"
+            f"{name}: entropy_coef = {entropy_coef} needs the per-token entropy; pass it or set entropy_coef = 0"
         )
+    return advantages.detach()
 
-    advantages = advantages.detach()
-    ratio = torch.exp(logprobs - old_logprobs.detach())
+
+def clipped_policy_loss(
+    ratio: torch.Tensor,
+    logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float,
+    clip_high: float,
+    reference_logprobs: torch.Tensor | None,
+    kl_beta: float,
+    kl_estimator: str,
+    entropy: torch.Tensor | None,
+    entropy_coef: float,
+    aggregation: str,
+    constant_normalizer: float | None,
+    token_weights: torch.Tensor | None,
+) -> tuple[torch.Tensor, Metrics]:
+    """The clipped surrogate shared by the policy losses, given each token's importance ratio [B, T]:
+
+        pg = w * max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high))
+        x  = pg + kl_beta * k(logp_ref - logp) - entropy_coef * entropy
+        loss = aggregate_token_losses(x, mask, aggregation, constant_normalizer)
+
+    w (token_weights, detached, default 1) is the rollout/trainer mismatch correction (TIS weights or an MIS
+    mask, posttrain.losses.rollout_correction); it scales the policy-gradient term only. advantages [B, 1] or
+    [B, T], detached. Metrics as documented on `grpo`."""
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     policy_token_losses = torch.maximum(unclipped, clipped)
+    if token_weights is not None:
+        policy_token_losses = policy_token_losses * token_weights.detach()
 
     token_losses = policy_token_losses
     metrics: Metrics = {}
@@ -204,6 +203,123 @@ def grpo(
     metrics["policy_loss"] = aggregate_token_losses(
         policy_token_losses.detach(), mask, aggregation, constant_normalizer
     )
-    metrics["clip_fraction"] = _token_mean((clipped > unclipped).to(logprobs.dtype), mask)
+    metrics["clip_fraction"] = _token_mean((clipped > unclipped).to(ratio.dtype), mask)
     metrics["ratio_mean"] = _token_mean(ratio, mask)
     return loss, metrics
+
+
+@POLICY_LOSSES.register("grpo")
+def grpo(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float,
+    clip_high: float,
+    reference_logprobs: torch.Tensor | None = None,
+    kl_beta: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    aggregation: str = "token_mean",
+    constant_normalizer: float | None = None,
+    token_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """Clipped policy-gradient loss of GRPO (Shao et al. 2024), with DAPO clip-higher (Yu et al. 2025).
+
+    ratio = exp(logp - logp_old); per token
+        pg = w * max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high))
+        x  = pg + kl_beta * k(logp_ref - logp) - entropy_coef * entropy
+    and loss = aggregate_token_losses(x, mask, aggregation, constant_normalizer); w = token_weights (default 1).
+
+    Shapes: logprobs, old_logprobs, mask, reference_logprobs, entropy, token_weights [B, T]; advantages [B] (one
+    per sequence, broadcast over tokens) or [B, T]. old_logprobs, advantages, reference_logprobs and
+    token_weights are treated as constants (detached); entropy is not, so the bonus has a gradient.
+    Metrics (detached): loss; policy_loss (pg, aggregated like the loss); clip_fraction (token share where
+    the clipped term is active, i.e. the gradient is cut); ratio_mean; kl (token mean, only when
+    reference_logprobs is given); entropy (token mean, only when entropy is given).
+    """
+    advantages = _check_policy_inputs(
+        "grpo", logprobs, old_logprobs, advantages, mask, kl_beta, reference_logprobs, entropy_coef, entropy
+    )
+    ratio = torch.exp(logprobs - old_logprobs.detach())
+    return clipped_policy_loss(
+        ratio, logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
+        reference_logprobs=reference_logprobs, kl_beta=kl_beta, kl_estimator=kl_estimator, entropy=entropy,
+        entropy_coef=entropy_coef, aggregation=aggregation, constant_normalizer=constant_normalizer,
+        token_weights=token_weights,
+    )  # fmt: skip
+
+
+def sequence_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO's length-normalised sequence importance ratio (Zheng et al. 2025):
+
+        s_i = exp( (1/|y_i|) sum_t m_it [log pi(y_it) - log pi_old(y_it)] )  = (pi(y_i) / pi_old(y_i))^(1/|y_i|)
+
+    [B, T] -> [B]; differentiable in `logprobs`; a sequence without response tokens gets s = 1."""
+    mask = mask.to(logprobs.dtype)
+    log_ratio = ((logprobs - old_logprobs.detach()) * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    return torch.exp(log_ratio)
+
+
+def _gspo(
+    name: str,
+    per_token_gradient: bool,
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float,
+    clip_high: float,
+    reference_logprobs: torch.Tensor | None = None,
+    kl_beta: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    aggregation: str = "token_mean",
+    constant_normalizer: float | None = None,
+    token_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    advantages = _check_policy_inputs(
+        name, logprobs, old_logprobs, advantages, mask, kl_beta, reference_logprobs, entropy_coef, entropy
+    )
+    ratio = sequence_ratio(logprobs, old_logprobs, mask)[:, None]
+    if per_token_gradient:  # s_it = sg[s_i] * pi(y_it) / sg[pi(y_it)]: the value of s_i, each token's own gradient
+        ratio = ratio.detach() * torch.exp(logprobs - logprobs.detach())
+    else:
+        ratio = ratio.expand_as(logprobs)
+    return clipped_policy_loss(
+        ratio, logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
+        reference_logprobs=reference_logprobs, kl_beta=kl_beta, kl_estimator=kl_estimator, entropy=entropy,
+        entropy_coef=entropy_coef, aggregation=aggregation, constant_normalizer=constant_normalizer,
+        token_weights=token_weights,
+    )  # fmt: skip
+
+
+@POLICY_LOSSES.register("gspo")
+def gspo(logprobs, old_logprobs, advantages, mask, **kwargs) -> tuple[torch.Tensor, Metrics]:
+    """Group Sequence Policy Optimization (Zheng et al. 2025): GRPO's clipped surrogate with one importance
+    ratio per sequence, the length-normalised s_i of `sequence_ratio`, clipped per sequence:
+
+        pg_i = max(-A_i s_i, -A_i clip(s_i, 1 - clip_low, 1 + clip_high))
+
+    broadcast over the sequence's tokens and aggregated like grpo (aggregation=sequence_mean is the paper's
+    (1/G) sum_i; the paper's eps are small, e.g. clip_low 3e-4 / clip_high 4e-4). Same signature, keyword
+    arguments (KL, entropy, aggregation, token_weights) and metrics as `grpo`; clip_fraction counts the tokens
+    of clipped sequences. The gradient reaches every token through s_i: d s_i = s_i (1/|y_i|) sum_t d logp_it."""
+    return _gspo("gspo", False, logprobs, old_logprobs, advantages, mask, **kwargs)
+
+
+@POLICY_LOSSES.register("gspo_token")
+def gspo_token(logprobs, old_logprobs, advantages, mask, **kwargs) -> tuple[torch.Tensor, Metrics]:
+    """GSPO-token (Zheng et al. 2025): s_it = sg[s_i] * pi(y_it) / sg[pi(y_it)], whose value is s_i (so the
+    clipping is per sequence) but whose gradient is each token's own, s_i d logp_it; this allows per-token
+    advantages A_it. With one advantage per sequence it equals `gspo` in loss and gradient (under every
+    aggregation). Signature and metrics as `grpo`."""
+    return _gspo("gspo_token", True, logprobs, old_logprobs, advantages, mask, **kwargs)
+
+
+# algo.importance_level -> the policy loss: token ratios (GRPO) or sequence ratios (GSPO).
+IMPORTANCE_LEVELS = {"token": "grpo", "sequence": "gspo"}

@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from posttrain.engine.distributed import all_reduce_sum
+from posttrain.engine.distributed import all_reduce_sum, rank, world_size
 from posttrain.errors import ConfigError, DataError
 from posttrain.registry import Registry
 from posttrain.rewards import VERIFIERS
@@ -170,3 +170,16 @@ def rollout_reward_metrics(rewards, kept_groups: float, counts: dict[str, int], 
         "verifier_errors": totals["verifier_errors"],
         "verifier_timeouts": totals["verifier_timeouts"],
     }
+
+
+def verified_fraction(rollout, prompts: Sequence, sampling, timeout_s: float) -> float:
+    """Fraction of completions (all ranks) of the held-out `prompts` (PromptRows; each rank takes every
+    world_size-th from its rank on) under `sampling` that verify, through the rollout service."""
+    mine = list(prompts)[rank() :: world_size()]
+    correct, samples = 0.0, 0.0
+    if mine:
+        completions = rollout.generate([p.prompt for p in mine], sampling)
+        rewards, _ = score_completions(mine, completions, 1.0, 0.0, timeout_s)
+        correct, samples = float(sum(r >= 1.0 for r in rewards)), float(len(completions))
+    total_correct, total = all_reduce_sum([correct, samples])
+    return total_correct / max(total, 1.0)

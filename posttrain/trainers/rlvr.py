@@ -1,9 +1,11 @@
 """RL with verifiable rewards: GRPO-family policy optimisation on the shared rollout service.
 
 One update = one rollout batch: sample G completions for each prompt (RolloutService), score them with the
-row's verifier, turn rewards into group advantages (dropping zero-variance groups), recompute the old log-probs
+row's verifier, turn rewards into group advantages (dynamic sampling drops zero-variance groups and may sample
+more prompts; overlong completions can be masked or penalised: posttrain.rollout.groups), recompute the old log-probs
 with the trainer (skipped when the update is one optimizer step: they are then the step's own, detached), take
-`epochs_per_batch x minibatches_per_epoch` clipped policy-gradient optimizer steps, sync the engine's weights.
+`epochs_per_batch x minibatches_per_epoch` clipped policy-gradient optimizer steps (token or sequence ratios, the
+rollout/trainer mismatch corrected and measured from the engine's log-probs), sync the engine's weights.
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ from posttrain.engine.export import export_hf
 from posttrain.engine.reference import frozen_model
 from posttrain.errors import ConfigError
 from posttrain.losses import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES
-from posttrain.losses.policy import AGGREGATIONS, chunk_loss_weight, group_advantages
+from posttrain.losses.policy import AGGREGATIONS, IMPORTANCE_LEVELS, chunk_loss_weight
+from posttrain.losses.rollout_correction import MISMATCH_SUMS, corrected_policy_loss, mismatch_metrics
 from posttrain.models.logprobs import completion_logprob_rows, completion_logprobs, padded_rows
 from posttrain.models.reference import reference_logprob_rows, refresh_reference
 from posttrain.rewards import VERIFIERS
-from posttrain.rewards.reward import rollout_reward_metrics, score_completions
-from posttrain.rollout.config import SamplingConfig, sampling_for_step
-from posttrain.rollout.samples import PolicySample, policy_samples, rollout_model_dir
+from posttrain.rewards.reward import rollout_reward_metrics, verified_fraction
+from posttrain.rollout.config import SamplingConfig
+from posttrain.rollout.groups import rl_option_problems, sample_training_groups
+from posttrain.rollout.samples import PolicySample, rollout_model_dir
 from posttrain.rollout.service import build_rollout_service
 from posttrain.trainers import register_algo
 from posttrain.training import Run, build_engine, crossed, idle_micro_step, policy_module, total_optimizer_steps
@@ -48,7 +52,19 @@ class RLVRAlgoConfig:
     prompts_per_step: int = 16  # prompts per rollout batch, over all ranks
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n=8, temperature=1.0, max_tokens=64))
     advantage: str = "standard"  # standard: (r - mean) / (std + eps) | centered: r - mean
-    drop_zero_variance_groups: bool = True
+    # off | filter: drop zero-variance groups | oversample: then up to max_extra_rounds rounds of ceil(missing x
+    # oversample_factor) more prompts until prompts_per_step informative groups (DAPO dynamic sampling)
+    dynamic_sampling: str = "filter"
+    max_extra_rounds: int = 3
+    oversample_factor: float = 1.0
+    importance_level: str = "token"  # token: GRPO ratios | sequence: GSPO (one length-normalised ratio per sequence)
+    # off | mask: truncated completions leave the loss | soft_penalty: DAPO's reward penalty, 0 up to max_tokens -
+    # overlong_buffer, linear to -overlong_penalty_factor (reward units) at max_tokens
+    overlong: str = "off"
+    overlong_buffer: int = 16
+    overlong_penalty_factor: float = 1.0
+    rollout_correction: str = "off"  # off | tis (token weights min(ratio, C)) | mis (mask sequences outside [1/C, C])
+    rollout_correction_cap: float = 2.0  # C
     clip_low: float = 0.2
     clip_high: float = 0.28  # DAPO clip-higher
     kl_beta: float = 0.0  # > 0 keeps a frozen reference policy
@@ -86,6 +102,7 @@ def check_config(cfg) -> None:
         ),
     }
     problems += [problem for problem, failed in checks.items() if failed]
+    problems += rl_option_problems(algo)
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -121,21 +138,13 @@ class RLVR:
 
     def train_step(self, step: int) -> dict[str, float]:
         """One rollout batch and the optimizer steps `step .. step + steps_per_update - 1` on it."""
-        algo = self.cfg.algo
-        prompts = [self.train_prompts[i] for i in self.plan.micro_batches(step // self.steps_per_update, rank())[0]]
+        algo, update = self.cfg.algo, step // self.steps_per_update
         started = time.perf_counter()
-        completions = self.rollout.generate(
-            [p.prompt for p in prompts], sampling_for_step(algo.sampling, self.cfg.rollout.seed, step, rank())
+        first = self.plan.micro_batches(update, rank())[0]
+        groups = sample_training_groups(
+            self.rollout, self.train_prompts, first, algo, self.cfg.seed, update, self.cfg.rollout.seed
         )
-        rewards, counts = score_completions(
-            prompts, completions, algo.verification_reward, algo.nonstop_penalty, algo.verifier_timeout_s
-        )
-        rewards = torch.tensor(rewards).view(len(prompts), algo.sampling.n)
-        rollout_seconds = time.perf_counter() - started
-        advantages, keep = group_advantages(rewards, mode=algo.advantage)
-        if not algo.drop_zero_variance_groups:
-            keep = torch.ones_like(keep)
-        samples = policy_samples(completions, advantages, keep)
+        samples, rollout_seconds = groups.samples, time.perf_counter() - started
         started = time.perf_counter()
         kept = all_reduce_sum([float(len(samples))])[0]
         metrics = self.update(samples, step) if kept else {}
@@ -147,7 +156,8 @@ class RLVR:
             refresh_reference(self.reference, self.engine.module.policy, self.cfg.deepspeed.zero_stage)
         train_seconds = time.perf_counter() - started
         return {
-            **rollout_reward_metrics(rewards, float(keep.sum()), counts, algo.sampling.n),
+            **rollout_reward_metrics(groups.rewards, float(groups.kept_groups), groups.counts, algo.sampling.n),
+            **groups.stats,
             "lr": backend.current_lr(self.engine),
             "grad_norm": backend.grad_norm(self.engine) if kept else 0.0,
             "rollout_seconds": rollout_seconds,
@@ -184,8 +194,8 @@ class RLVR:
         cfg, algo, engine = self.cfg, self.cfg.algo, self.engine
         tokens = float(sum(len(s.example.input_ids) - s.prompt_length for s in minibatch))
         total_tokens, total_sequences = all_reduce_sum([tokens, float(len(minibatch))])
-        sums = {"clip_fraction": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0}
-        loss_fn = POLICY_LOSSES.get("grpo")
+        sums = dict.fromkeys(("clip_fraction", "kl", "entropy", *MISMATCH_SUMS), 0.0)
+        loss_fn = POLICY_LOSSES.get(IMPORTANCE_LEVELS[algo.importance_level])
         for chunk in split_evenly(minibatch, cfg.train.gradient_accumulation_steps):
             if not chunk:
                 idle_micro_step(engine, self.tokenizer.eos_token_id, cfg.optim.max_grad_norm)
@@ -194,21 +204,16 @@ class RLVR:
                 engine, [s.example for s in chunk], [s.prompt_length for s in chunk], algo.sampling.temperature
             )
             old = [s.old_logprobs for s in chunk]
-            loss, parts = loss_fn(
-                logprobs,
-                logprobs.detach() if old[0] is None else padded_rows(old, mask),
-                torch.tensor([s.advantage for s in chunk], device=mask.device),
-                mask,
-                clip_low=algo.clip_low,
-                clip_high=algo.clip_high,
+            loss, parts, mismatch = corrected_policy_loss(
+                loss_fn, logprobs, logprobs.detach() if old[0] is None else padded_rows(old, mask),
+                padded_rows([torch.tensor(s.rollout_logprobs) for s in chunk], mask),
+                torch.tensor([s.advantage for s in chunk], device=mask.device), mask,
+                correction=algo.rollout_correction, cap=algo.rollout_correction_cap,
+                clip_low=algo.clip_low, clip_high=algo.clip_high, kl_beta=algo.kl_beta, kl_estimator=algo.kl_estimator,
                 reference_logprobs=padded_rows([s.reference_logprobs for s in chunk], mask) if algo.kl_beta else None,
-                kl_beta=algo.kl_beta,
-                kl_estimator=algo.kl_estimator,
-                entropy=entropy,
-                entropy_coef=algo.entropy_coef,
-                aggregation=algo.aggregation,
+                entropy=entropy, entropy_coef=algo.entropy_coef, aggregation=algo.aggregation,
                 constant_normalizer=algo.sampling.max_tokens * total_sequences,
-            )
+            )  # fmt: skip
             chunk_tokens = float(mask.sum())
             weight = chunk_loss_weight(
                 algo.aggregation, len(chunk), chunk_tokens, total_sequences, total_tokens, world_size()
@@ -217,33 +222,23 @@ class RLVR:
             backend.step(engine, cfg.optim.max_grad_norm)
             for key in ("clip_fraction", "kl", "entropy"):
                 sums[key] += float(parts.get(key, 0.0)) * chunk_tokens
-            sums["tokens"] += chunk_tokens
+            sums.update({key: sums[key] + value for key, value in mismatch.items()})
         totals = dict(zip(sums, all_reduce_sum(list(sums.values()))))
         keys = ("clip_fraction", "entropy", "kl") if algo.kl_beta else ("clip_fraction", "entropy")
-        return {key: totals[key] / max(totals["tokens"], 1.0) for key in keys}
+        return {**{key: totals[key] / max(totals["tokens"], 1.0) for key in keys}, **mismatch_metrics(totals)}
 
     def evaluate(self) -> dict[str, float]:
         """Verified accuracy on the held-out prompts: `eval_greedy_accuracy` always; with eval.samples > 0 also
         `eval_sampled_accuracy` (pass@1 over those samples). `eval_accuracy` is the sampled one when sampled."""
         if not self.eval_prompts:
             return {}
-        result = {"eval_greedy_accuracy": self.verified_fraction(greedy_eval_request(self.cfg.eval))}
-        result["eval_accuracy"] = result["eval_greedy_accuracy"]
+        timeout = self.cfg.algo.verifier_timeout_s
+        greedy = verified_fraction(self.rollout, self.eval_prompts, greedy_eval_request(self.cfg.eval), timeout)
+        result = {"eval_greedy_accuracy": greedy, "eval_accuracy": greedy}
         if self.cfg.eval.samples > 0:
-            sampled = self.verified_fraction(sampled_eval_request(self.cfg.eval))
+            sampled = verified_fraction(self.rollout, self.eval_prompts, sampled_eval_request(self.cfg.eval), timeout)
             result["eval_sampled_accuracy"] = result["eval_accuracy"] = sampled
         return result
-
-    def verified_fraction(self, sampling: SamplingConfig) -> float:
-        """Fraction of completions (all ranks) of the held-out prompts under `sampling` that verify."""
-        mine = self.eval_prompts[rank() :: world_size()]
-        correct, samples = 0.0, 0.0
-        if mine:
-            completions = self.rollout.generate([p.prompt for p in mine], sampling)
-            rewards, _ = score_completions(mine, completions, 1.0, 0.0, self.cfg.algo.verifier_timeout_s)
-            correct, samples = float(sum(r >= 1.0 for r in rewards)), float(len(completions))
-        total_correct, total = all_reduce_sum([correct, samples])
-        return total_correct / max(total, 1.0)
 
     def export(self, out_dir: Path) -> None:
         export_hf(self.engine.module.policy, self.tokenizer, out_dir, self.cfg.deepspeed.zero_stage)
