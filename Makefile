@@ -27,6 +27,7 @@ test: install
 	$(PYTHON) -m pytest -q -m isolated tests/trainers/test_dpo_stage.py tests/trainers/test_online_dpo_trainer.py \
 		tests/trainers/test_rlvr_trainer.py
 	$(PYTHON) -m pytest -q -m isolated tests/trainers/test_gpo_trainer.py
+	$(PYTHON) -m pytest -q -m isolated tests/rollout/test_lora_adapter_sync.py
 
 bench: install
 	$(PYTHON) benchmarks/sft_throughput.py

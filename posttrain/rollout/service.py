@@ -162,7 +162,10 @@ class RolloutService:
         if self.group is None:
             return self.backend.generate(prompt_ids, sampling)
         # One engine per group (SPMD): every member generates for the whole group's prompts, keeps its own.
+        # Every member must call generate together, also with no prompts of its own (it still joins the gather).
         group_prompt_ids, start = self.group.gather(prompt_ids)
+        if not group_prompt_ids:
+            return []
         return own_completions(self.backend.generate(group_prompt_ids, sampling), start, len(prompt_ids))
 
     def sync_weights(self, model: nn.Module) -> None:
@@ -260,13 +263,19 @@ def build_rollout_service(
     vLLM engine then takes adapters, and `model_dir` must hold the base model without them.
     """
     validate_rollout_config(rollout_cfg)
+    takes_adapters = bool(lora_rank) and rollout_cfg.lora_sync == "adapter" and rollout_cfg.backend == "vllm"
+    if takes_adapters and rollout_cfg.enable_sleep_mode and rollout_cfg.sleep_level == 2:
+        raise ConfigError(
+            "rollout.sleep_level=2 discards the engine's base weights, which an adapter sync (rollout.lora_sync="
+            "adapter) never sends again; use rollout.sleep_level=1 or rollout.lora_sync=merged"
+        )
     if rollout_cfg.backend == "vllm":
         from posttrain.engine.distributed import init_distributed
 
         init_distributed()  # vLLM's external launcher joins the trainer's world; the groups are made in it
     group = build_rollout_group(rollout_cfg.tensor_parallel_size)
     builder = ROLLOUT_BACKENDS.get(rollout_cfg.backend)
-    if lora_rank and rollout_cfg.lora_sync == "adapter" and rollout_cfg.backend == "vllm":
+    if takes_adapters:
         backend = builder(rollout_cfg, model_dir, tokenizer, lora_rank=lora_rank)
     else:
         backend = builder(rollout_cfg, model_dir, tokenizer)

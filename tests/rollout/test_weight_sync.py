@@ -115,3 +115,23 @@ def test_engine_arguments_for_eager_mode_and_lora(monkeypatch):
         validate_rollout_config(RolloutConfig(lora_sync="full"))
     with pytest.raises(ConfigError, match="rollout.sync_bucket_mb=0 must be >= 1"):
         validate_rollout_config(RolloutConfig(sync_bucket_mb=0))
+
+
+def test_rollout_init_of_an_adapter_engine_is_the_base_model_without_adapters(tiny_model, tiny_tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.rollout.samples import export_base_model
+
+    peft = lora_model(tiny_model)
+    export_base_model(peft, tiny_tokenizer, tmp_path / "base", zero_stage=0)
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base")).state_dict()
+    assert sorted(reloaded) == sorted(tiny_model.state_dict())
+    assert all(torch.equal(reloaded[name], tensor) for name, tensor in tiny_model.state_dict().items())
+
+
+def test_level_two_sleep_and_adapter_sync_do_not_mix(tiny_tokenizer, tmp_path):
+    from posttrain.rollout.service import build_rollout_service
+
+    cfg = RolloutConfig(enable_sleep_mode=True, sleep_level=2)
+    with pytest.raises(ConfigError, match="sleep_level=2 discards the engine's base weights"):
+        build_rollout_service(cfg, tmp_path, tiny_tokenizer, lora_rank=8)
