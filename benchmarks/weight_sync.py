@@ -169,9 +169,7 @@ def memory_zero3(sizes, bucket_mbs) -> list[dict]:
         full = model_bytes(base)
         config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
                   "optimizer": {"type": "AdamW", "params": {"lr": 1e-5}}}  # fmt: skip
-        with deepspeed.zero.Init(config_dict_or_path=config):
-            _, partitioned = tokenizer_and_model(size)
-        engine, *_ = deepspeed.initialize(model=partitioned, config=config)
+        engine, *_ = deepspeed.initialize(model=base, config=config)  # partitions the parameters in place
         del base
         for bucket_mb in bucket_mbs:
             service = hf_service(work, tokenizer, sync_bucket_mb=bucket_mb)
@@ -181,7 +179,7 @@ def memory_zero3(sizes, bucket_mbs) -> list[dict]:
             rows.append({"case": f"zero3 rank {rank()}/{world_size()}", "size": size, "model_mb": full / 2**20,
                          "bucket_mb": bucket_mb, "peak_extra_mb": peak.extra / 2**20})  # fmt: skip
             del service
-        del engine, partitioned
+        del engine
         barrier()
         if rank() == 0:
             shutil.rmtree(work, ignore_errors=True)
