@@ -150,9 +150,12 @@ class RolloutService:
         (rollout.prompt_truncation=left).
         """
         sampling = as_sampling_config(sampling)
-        prompt_ids = prepare_prompts(
-            self.tokenizer, prompts, sampling.max_tokens, self.max_model_len, self.cfg.prompt_truncation
-        )
+        if self.group is not None and not isinstance(prompts, (str, dict)) and not len(prompts):
+            prompt_ids = []  # a group member with nothing to ask still joins its group's generate
+        else:
+            prompt_ids = prepare_prompts(
+                self.tokenizer, prompts, sampling.max_tokens, self.max_model_len, self.cfg.prompt_truncation
+            )
         if self._weights_discarded:
             raise RuntimeError(
                 "rollout: the engine slept at rollout.sleep_level=2, which discards its weights; call "
@@ -162,7 +165,7 @@ class RolloutService:
         if self.group is None:
             return self.backend.generate(prompt_ids, sampling)
         # One engine per group (SPMD): every member generates for the whole group's prompts, keeps its own.
-        # Every member must call generate together, also with no prompts of its own (it still joins the gather).
+        # Every member must call generate together, also with no prompts of its own (an empty list is allowed).
         group_prompt_ids, start = self.group.gather(prompt_ids)
         if not group_prompt_ids:
             return []

@@ -33,6 +33,42 @@ def test_own_completions_are_this_ranks_prompts_reindexed():
     assert [(c.prompt_index, c.sample_index) for c in own] == [(0, 0), (0, 1), (1, 0), (1, 1)]
 
 
+class TwoRankGroup:
+    """Stands in for rank 1 of a 2-rank group whose rank 0 asked for `other` prompts."""
+
+    ranks, index = [0, 1], 0
+
+    def __init__(self, other):
+        self.other = other
+
+    def gather(self, prompt_ids):
+        return self.other + prompt_ids, len(self.other)
+
+
+class EchoBackend:
+    name, max_model_len, can_sleep = "echo", 64, False
+
+    def __init__(self):
+        self.requests = []
+
+    def generate(self, prompt_token_ids, sampling):
+        self.requests.append(prompt_token_ids)
+        return [Completion(i, 0, ids, ids[-1:], "", [0.0], "stop") for i, ids in enumerate(prompt_token_ids)]
+
+
+def test_a_group_member_generates_for_the_whole_group_and_keeps_its_own(tiny_tokenizer):
+    from posttrain.rollout.config import RolloutConfig, SamplingConfig
+    from posttrain.rollout.service import RolloutService
+
+    backend = EchoBackend()
+    service = RolloutService(backend, tiny_tokenizer, RolloutConfig(), TwoRankGroup([[5, 6], [7, 8]]))
+    completions = service.generate([[9, 10]], SamplingConfig(max_tokens=1))
+    assert backend.requests == [[[5, 6], [7, 8], [9, 10]]]  # the whole group's prompts, rank order
+    assert [(c.prompt_index, c.token_ids) for c in completions] == [(0, [10])]
+    assert service.generate([], SamplingConfig(max_tokens=1)) == []  # nothing of its own: still joins
+    assert backend.requests[-1] == [[5, 6], [7, 8]]
+
+
 def test_one_process_has_no_group():
     assert build_rollout_group(1) is None
     assert build_rollout_group(2) is None  # a single-process TP engine runs its own vLLM workers
