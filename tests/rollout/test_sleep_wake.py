@@ -166,3 +166,15 @@ def test_vllm_cpu_engine_ignores_sleep_and_keeps_generating(rollout_service, tra
         torch.zeros(1)  # the "training step"
     assert [c.token_ids for c in service.generate(eval_prompts, greedy)] == before
     assert service.sleep() is None
+
+
+def test_hf_backend_sleeps_only_on_a_gpu_and_moves_its_copy_to_the_host(tiny_tokenizer, tiny_model):
+    from posttrain.rollout.hf_backend import HFBackend
+
+    backend = HFBackend(tiny_model, tiny_tokenizer, RolloutConfig(backend="hf"))
+    assert backend.can_sleep is torch.cuda.is_available()
+    backend.sleep(1)
+    assert next(backend.model.parameters()).device.type == "cpu"
+    backend.wake_up(["kv_cache"])  # nothing to do for the KV cache
+    backend.wake_up(["weights"])
+    assert next(backend.model.parameters()).device == backend._device
