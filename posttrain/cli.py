@@ -59,6 +59,7 @@ SUBCOMMANDS = {
     "eval": "evals.runner",
     "annotate": "posttrain.annotate",
     "select": "data_recipes.zipfit",
+    "doctor": "posttrain.doctor",
 }
 
 

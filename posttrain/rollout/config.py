@@ -15,6 +15,7 @@ BACKENDS = ("vllm", "hf")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
 PROMPT_TRUNCATIONS = ("error", "left")
+LORA_SYNCS = ("adapter", "merged")
 
 
 @dataclass
@@ -34,17 +35,21 @@ class RolloutConfig:
     # (logits / temperature, then top-k / top-p masking); raw_logprobs: log_softmax of the raw logits.
     logprobs_mode: str = "processed_logprobs"
     # vLLM engine
-    enforce_eager: bool = True  # no torch.compile / CUDA graphs: faster start-up, slower decoding
+    # no torch.compile / CUDA graphs: faster start-up, slower decoding. null: true on CPU, false on GPU
+    enforce_eager: bool | None = None
     enable_prefix_caching: bool = True  # the cache is reset after every weight sync
     max_num_seqs: int = 256  # sequences decoded together
     kv_cache_gib: float | None = (
         None  # null: 1 GiB on CPU (env VLLM_CPU_KVCACHE_SPACE wins), gpu_memory_utilization on GPU
     )
     gpu_memory_utilization: float = 0.5  # share of GPU memory for weights + KV cache (the trainer is colocated)
-    tensor_parallel_size: int = 1  # GPU; must be 1 under torchrun (one engine per rank)
+    tensor_parallel_size: int = 1  # GPUs per engine; under torchrun ranks form groups of this size, one engine each
     enable_sleep_mode: bool = False  # GPU: free the engine's memory while training (ignored on CPU)
     sleep_level: int = 1  # 1: offload weights to host, drop KV cache; 2: drop both (weights come back by sync)
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # passed last to vllm.LLM
+    # weight sync
+    sync_bucket_mb: int = 256  # weights stream (and ZeRO-3 gathers) this many MB at a time, never the whole model
+    lora_sync: str = "adapter"  # with peft=lora: adapter (vLLM loads only the LoRA weights) | merged (full weights)
     # hf backend
     hf_batch_size: int = 64  # prompts per transformers generate call
 

@@ -10,6 +10,7 @@ Prompts are left-padded into batches of `hf_batch_size` x n rows.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -93,8 +94,9 @@ class HFBackend:
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.max_model_len = cfg.max_model_len
+        self._device = self.model.device  # where generation runs (the model visits the host while asleep)
         with torch.random.fork_rng(devices=self._cuda_devices()):
-            torch.manual_seed(cfg.seed + rank())
+            torch.manual_seed(cfg.seed + rank() // cfg.tensor_parallel_size)  # one stream per rollout group
             self._own_rng_states = self._rng_states()
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
@@ -107,7 +109,7 @@ class HFBackend:
         return completions
 
     def _cuda_devices(self) -> list:
-        return [self.model.device] if self.model.device.type == "cuda" else []
+        return [self._device] if self._device.type == "cuda" else []
 
     def _rng_states(self) -> list[torch.Tensor]:
         return [torch.get_rng_state(), *(torch.cuda.get_rng_state(device) for device in self._cuda_devices())]
@@ -196,11 +198,18 @@ class HFBackend:
         if missing:
             raise ConfigError(f"sync_weights: {len(missing)} rollout weights were not given, e.g. {missing[:3]}")
 
-    def sleep(self) -> None:
-        """Nothing to release: the transformers copy stays resident."""
+    @property
+    def can_sleep(self) -> bool:
+        """On a GPU the private copy can leave it while the trainer steps (to host memory, at either level)."""
+        return self._device.type == "cuda"
 
-    def wake_up(self) -> None:
-        """Nothing to restore."""
+    def sleep(self, level: int) -> None:
+        self.model.to("cpu")
+        torch.cuda.empty_cache()
+
+    def wake_up(self, tags: Sequence[str]) -> None:
+        if "weights" in tags:
+            self.model.to(self._device)
 
 
 def finish_point(tokens: list[int], stop_ids: set[int], stop_strings: list[str], decode) -> tuple[int, str | None]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,23 +31,46 @@ def grouped_completions(rollout: RolloutService, prompts: Sequence, sampling: Sa
     return groups
 
 
-def iteration_sampling(sampling: SamplingConfig, iteration: int) -> SamplingConfig:
-    """`sampling` for iteration `iteration` of a self-play trainer: a set seed is offset per iteration
-    (reproducible, never reused); no seed stays unseeded."""
-    seed = None if sampling.seed is None else sampling.seed + 1_000_003 * (iteration + 1)
-    return dataclasses.replace(sampling, seed=seed)
+def lora_rank(cfg) -> int | None:
+    """The policy's LoRA rank (peft=lora), which lets a vLLM engine take adapters (rollout.lora_sync=adapter)."""
+    return cfg.peft.r if cfg.peft.enabled else None
 
 
 def rollout_model_dir(cfg, run_dir: Path, policy: nn.Module, tokenizer) -> str:
     """Where a rollout engine loads its first weights: `model.path`, else the initial policy exported to
-    `<run_dir>/rollout_init` (a model built from config has no directory of its own)."""
+    `<run_dir>/rollout_init` (a model built from config has no directory of its own). An engine that takes
+    LoRA adapters gets the base model without them (adapters arrive with every sync)."""
     from posttrain.engine.export import export_hf
 
     if cfg.model.path:
         return cfg.model.path
     init_dir = Path(run_dir) / "rollout_init"
-    export_hf(policy, tokenizer, init_dir, cfg.deepspeed.zero_stage)
+    if lora_rank(cfg) and cfg.rollout.lora_sync == "adapter" and cfg.rollout.backend == "vllm":
+        export_base_model(policy, tokenizer, init_dir, cfg.deepspeed.zero_stage)
+    else:
+        export_hf(policy, tokenizer, init_dir, cfg.deepspeed.zero_stage)
     return str(init_dir)
+
+
+def export_base_model(peft_policy: nn.Module, tokenizer, out_dir: Path, zero_stage: int) -> None:
+    """The base model of a LoRA policy, adapters left out, as a Hugging Face directory (written by rank 0)."""
+    import shutil
+
+    from posttrain.engine.distributed import barrier, is_main_process
+    from posttrain.engine.export import gathered_parameters
+    from posttrain.models.logprob_model import base_causal_lm
+    from posttrain.rollout.weights import transformers_name
+
+    state = None
+    with gathered_parameters(peft_policy, zero_stage):
+        if is_main_process():
+            entries = peft_policy.get_base_model().state_dict().items()
+            state = {transformers_name(n): t.detach().to("cpu", copy=True) for n, t in entries if transformers_name(n)}
+    if is_main_process():
+        shutil.rmtree(out_dir, ignore_errors=True)
+        base_causal_lm(peft_policy).save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(str(out_dir))
+    barrier()
 
 
 @dataclass

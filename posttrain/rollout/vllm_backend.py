@@ -9,21 +9,28 @@ layer-wise reload, which re-runs the CPU weight repacking; the prefix cache is r
 no KV computed with the old weights is reused.
 
 Distributed: the engine joins posttrain's torch.distributed world (started first if needed). Under
-torchrun every rank builds its own engine, all ranks together (start-up is a collective), with vLLM's
-`external_launcher` executor; each rank then generates for its own prompts (tensor_parallel_size=1).
+torchrun ranks form groups of rollout.tensor_parallel_size consecutive ranks (`posttrain.rollout.groups`);
+each group runs one engine over its ranks with vLLM's `external_launcher` executor (all ranks start
+together: start-up is a collective), and the service gathers a group's prompts so its ranks generate
+together. Each rank's worker loads only its shard of every synced weight.
 
 Start-up side effects on the trainer's process are undone: vLLM reseeds the global RNGs and its CPU
 worker disables `torch.set_num_threads`. dtype "auto" means the dtype saved with the model, because
 vLLM's own "auto" runs float32 checkpoints in bfloat16 on CPU. On GPUs with rollout.enable_sleep_mode,
-`sleep` frees the engine's memory between rollouts; a sync wakes the weights only, generate the rest.
+`sleep` frees the engine's memory between rollouts; `RolloutService` decides when (a sync wakes the weights
+only, generate the rest).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
 import random
+import shutil
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +40,7 @@ from posttrain.engine.distributed import init_distributed, rank, world_size
 from posttrain.errors import ConfigError
 from posttrain.rollout.completion import Completion
 from posttrain.rollout.config import RolloutConfig, SamplingConfig
+from posttrain.rollout.groups import tensor_parallel_groups
 from posttrain.rollout.weights import NamedTensors
 
 log = logging.getLogger(__name__)
@@ -93,19 +101,42 @@ def kv_cache_bytes(cfg: RolloutConfig, on_gpu: bool) -> int | None:
     return int((cfg.kv_cache_gib if cfg.kv_cache_gib is not None else DEFAULT_CPU_KV_CACHE_GIB) * GIB)
 
 
-def engine_kwargs(cfg: RolloutConfig, model_dir: str, dtype: str, on_gpu: bool, num_ranks: int, this_rank: int) -> dict:
-    """Keyword arguments of `vllm.LLM` for `cfg` (`dtype` resolved; `cfg.engine_kwargs` last, so they override)."""
-    if num_ranks > 1 and cfg.tensor_parallel_size != 1:
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
+def max_lora_rank(rank_: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds adapters of rank `rank_`."""
+    fitting = [value for value in VLLM_LORA_RANKS if value >= rank_]
+    if not fitting:
         raise ConfigError(
-            f"rollout.tensor_parallel_size={cfg.tensor_parallel_size} under torchrun: each rank owns one "
-            "engine with tensor_parallel_size=1; use 1"
+            f"peft.r={rank_}: vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}; use rollout.lora_sync=merged"
         )
+    return fitting[0]
+
+
+def engine_kwargs(
+    cfg: RolloutConfig,
+    model_dir: str,
+    dtype: str,
+    on_gpu: bool,
+    num_ranks: int,
+    this_rank: int,
+    lora_rank: int | None = None,
+) -> dict:
+    """Keyword arguments of `vllm.LLM` for `cfg` (`dtype` resolved; `cfg.engine_kwargs` last, so they override).
+
+    Under torchrun (`num_ranks` > 1) each group of tensor_parallel_size ranks runs one engine with vLLM's
+    external_launcher executor; ranks of a group share a seed (they must sample the same tokens)."""
+    group = 0
+    if num_ranks > 1:
+        groups = tensor_parallel_groups(num_ranks, cfg.tensor_parallel_size)  # checks the sizes divide
+        group = next(index for index, members in enumerate(groups) if this_rank in members)
     kwargs = dict(
         model=model_dir,
         dtype=dtype,
         max_model_len=cfg.max_model_len,
-        seed=cfg.seed + this_rank,
-        enforce_eager=cfg.enforce_eager,
+        seed=cfg.seed + group,
+        enforce_eager=(not on_gpu) if cfg.enforce_eager is None else cfg.enforce_eager,
         enable_prefix_caching=cfg.enable_prefix_caching,
         max_num_seqs=cfg.max_num_seqs,
         logprobs_mode=cfg.logprobs_mode,
@@ -118,6 +149,8 @@ def engine_kwargs(cfg: RolloutConfig, model_dir: str, dtype: str, on_gpu: bool, 
         kwargs["kv_cache_memory_bytes"] = kv_bytes
     if num_ranks > 1:
         kwargs["distributed_executor_backend"] = "external_launcher"
+    if lora_rank:
+        kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank(lora_rank), max_loras=1)
     kwargs.update(dict(cfg.engine_kwargs))
     return kwargs
 
@@ -141,8 +174,8 @@ def preserved_process_state():
         torch.set_num_threads(num_threads)
 
 
-def start_engine(cfg: RolloutConfig, model_dir: str):
-    """A `vllm.LLM` for `model_dir`, or a ConfigError saying why it could not start."""
+def start_engine(cfg: RolloutConfig, model_dir: str, lora_rank: int | None = None):
+    """A `vllm.LLM` for `model_dir` (taking LoRA adapters up to `lora_rank`), or a ConfigError saying why not."""
     on_gpu = torch.cuda.is_available()
     model_config = read_model_config(model_dir)
     if not on_gpu:
@@ -158,7 +191,7 @@ def start_engine(cfg: RolloutConfig, model_dir: str):
     # environment (LOCAL_RANK, ...) later, whichever of the two is built first.
     init_distributed()
     dtype = resolve_dtype(cfg.dtype, model_config)
-    kwargs = engine_kwargs(cfg, model_dir, dtype, on_gpu, world_size(), rank())
+    kwargs = engine_kwargs(cfg, model_dir, dtype, on_gpu, world_size(), rank(), lora_rank)
     with preserved_process_state():
         try:
             return LLM(**kwargs)
@@ -188,11 +221,12 @@ class VLLMBackend:
 
     name = "vllm"
 
-    def __init__(self, llm, cfg: RolloutConfig):
+    def __init__(self, llm, cfg: RolloutConfig, adapter_dir: Path | None = None):
         self.llm = llm
         self.cfg = cfg
         self.max_model_len = llm.llm_engine.model_config.max_model_len
-        self._sleeping_tags: set[str] = set()
+        self.adapter_dir = adapter_dir  # where synced LoRA adapters are written for vLLM to load (None: no LoRA)
+        self.lora_request = None  # the adapter every generate applies, after the first adapter sync
 
     def sampling_params(self, sampling: SamplingConfig, prompt_index: int):
         """vLLM SamplingParams for one prompt (its samples' seeds start at seed + prompt_index * n)."""
@@ -214,10 +248,12 @@ class VLLMBackend:
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
         from vllm.inputs import TokensPrompt
 
-        self.wake_up()
         params = [self.sampling_params(sampling, index) for index in range(len(prompt_token_ids))]
         outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids], params, use_tqdm=False
+            [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids],
+            params,
+            use_tqdm=False,
+            lora_request=self.lora_request,
         )
         return [
             completion
@@ -243,32 +279,69 @@ class VLLMBackend:
         return completions
 
     def load_weights(self, named_tensors: NamedTensors) -> None:
-        """Copy transformers-named tensors into the engine, then drop the prefix cache built on the old weights."""
-        self._wake(["weights"])
-        weights = named_tensors if self.cfg.tensor_parallel_size == 1 else list(named_tensors)  # TP workers: pickled
+        """Copy transformers-named tensors into the engine, then drop the prefix cache built on the old ones."""
+        # One process with a tensor-parallel engine: its workers are other processes, the weights are pickled to
+        # them whole. Under torchrun (external_launcher) each rank's worker is in-process and streams its shard.
+        pickled = self.cfg.tensor_parallel_size > 1 and world_size() == 1
+        weights = list(named_tensors) if pickled else named_tensors
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM refused to reset its prefix cache after a weight sync (requests still running)")
 
-    def sleep(self) -> None:
-        """GPU with enable_sleep_mode: release the engine's memory for training (no-op otherwise)."""
-        if not self.llm.llm_engine.model_config.enable_sleep_mode or self._sleeping_tags:
-            return
-        self.llm.sleep(level=self.cfg.sleep_level)
-        self._sleeping_tags = {"weights", "kv_cache"}
+    @property
+    def takes_lora_adapters(self) -> bool:
+        return self.adapter_dir is not None
 
-    def wake_up(self) -> None:
-        self._wake(["weights", "kv_cache"])
+    def load_lora_adapter(self, adapter_state: dict[str, torch.Tensor], peft_config) -> None:
+        """Serve the policy as base + this LoRA adapter from now on (the base weights stay as loaded).
 
-    def _wake(self, tags: list[str]) -> None:
-        waking = [tag for tag in tags if tag in self._sleeping_tags]
-        if waking:
-            self.llm.wake_up(tags=waking)
-            self._sleeping_tags -= set(waking)
+        The adapter (PEFT names, `lora_adapter_state`) is written as a PEFT directory under `adapter_dir` and
+        registered under a new LoRA id (vLLM caches adapters by id); the previous one is removed from the engine
+        and from disk, and the prefix cache dropped."""
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        previous = self.lora_request
+        lora_id = 1 if previous is None else previous.lora_int_id + 1
+        path = self.adapter_dir / f"sync-{lora_id}"
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {name: tensor.contiguous() for name, tensor in adapter_state.items()}
+        save_file(tensors, str(path / "adapter_model.safetensors"))
+        peft_config.save_pretrained(str(path))
+        self.lora_request = LoRARequest(f"policy-{lora_id}", lora_id, str(path))
+        if not self.llm.llm_engine.add_lora(self.lora_request):
+            raise RuntimeError(f"vLLM refused the LoRA adapter in {path}")
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+            shutil.rmtree(previous.lora_path, ignore_errors=True)
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset its prefix cache after a LoRA sync (requests still running)")
+
+    @property
+    def can_sleep(self) -> bool:
+        """vLLM sleeps only on GPUs, and only when the engine was started with enable_sleep_mode (a CPU engine
+        refuses the flag: "Sleep mode is not supported on current platform"; its worker's sleep only warns)."""
+        return bool(self.llm.llm_engine.model_config.enable_sleep_mode)
+
+    def sleep(self, level: int) -> None:
+        """Release the engine's GPU memory (the service tracks what is asleep and wakes it)."""
+        self.llm.sleep(level=level)
+
+    def wake_up(self, tags: Sequence[str]) -> None:
+        self.llm.wake_up(tags=list(tags))
 
 
-def build_vllm_backend(cfg: RolloutConfig, model_dir: str | Path, tokenizer) -> VLLMBackend:
-    """Start the engine on `model_dir` (the tokenizer is used by the service; vLLM reads the dir's own for text)."""
-    backend = VLLMBackend(start_engine(cfg, str(model_dir)), cfg)
+def build_vllm_backend(
+    cfg: RolloutConfig, model_dir: str | Path, tokenizer, lora_rank: int | None = None
+) -> VLLMBackend:
+    """Start the engine on `model_dir` (the tokenizer is used by the service; vLLM reads the dir's own for text).
+
+    With `lora_rank` the engine takes LoRA adapters of up to that rank, written per sync to a private
+    temporary directory (per rank: ranks of a tensor-parallel group each load their own copy)."""
+    adapter_dir = None
+    if lora_rank:
+        adapter_dir = Path(tempfile.mkdtemp(prefix=f"posttrain-lora-rank{rank()}-"))
+        atexit.register(shutil.rmtree, adapter_dir, True)
+    backend = VLLMBackend(start_engine(cfg, str(model_dir), lora_rank), cfg, adapter_dir)
     quiet_rotary_reload_notice()
     return backend

@@ -2,25 +2,28 @@
 
 Accepted models: a transformers CausalLM, a PEFT model, `CausalLMWithLogprobs` around either, or the
 DeepSpeed engine training one of those (any ZeRO stage). Under ZeRO-3 the weights are gathered from
-all ranks, so every rank must call this at the same point, and every rank gets the full weights (each
-rank owns a rollout engine). Plain models stream one parameter at a time (a ZeRO-3 parameter is
-gathered, copied and released before the next), so no full second copy of the model is ever held;
-PEFT models go through `posttrain.engine.export.hf_state_dict`, which gathers everything once and
-merges the LoRA adapters into the base weights.
+all ranks, so every rank must call this at the same point (each engine rank then takes what it needs).
+
+Memory: weights stream in buckets of at most `bucket_bytes` (rollout.sync_bucket_mb): under ZeRO-3 one
+bucket of parameters is gathered, handed out and released before the next, so the extra memory is one
+bucket, never a second copy of the model. Plain (unpartitioned) weights are handed out as they are.
+LoRA models stream merged weights (W + scaling * B @ A) bucket by bucket, or, for engines that take
+adapters, only the adapter (`lora_adapter_state`), a few MB whatever the model size.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
-from posttrain.engine.export import hf_state_dict
 from posttrain.models.logprob_model import CausalLMWithLogprobs
 
 NamedTensors = Iterator[tuple[str, torch.Tensor]]
+
+DEFAULT_BUCKET_BYTES = 256 << 20
 
 
 def unwrap_policy(model: nn.Module) -> nn.Module:
@@ -32,31 +35,117 @@ def unwrap_policy(model: nn.Module) -> nn.Module:
     return model
 
 
+def is_lora(model: nn.Module) -> bool:
+    return hasattr(unwrap_policy(model), "peft_config")
+
+
 def is_zero3_partitioned(tensor: torch.Tensor) -> bool:
     return hasattr(tensor, "ds_id")  # DeepSpeed tags every ZeRO-3 managed parameter with its id
 
 
-def _gathered(tensor: torch.Tensor):
-    if not is_zero3_partitioned(tensor):
+def full_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of the whole tensor (a ZeRO-3 parameter's full size, not its local partition)."""
+    numel = getattr(tensor, "ds_numel", None) if is_zero3_partitioned(tensor) else None
+    return (numel if numel is not None else tensor.numel()) * tensor.element_size()
+
+
+def buckets(entries: Sequence, bucket_bytes: int, size=lambda entry: full_bytes(entry[1])) -> Iterator[list]:
+    """Consecutive runs of `entries` of at most `bucket_bytes` each (an entry larger than that is alone)."""
+    bucket, used = [], 0
+    for entry in entries:
+        entry_bytes = size(entry)
+        if bucket and used + entry_bytes > bucket_bytes:
+            yield bucket
+            bucket, used = [], 0
+        bucket.append(entry)
+        used += entry_bytes
+    if bucket:
+        yield bucket
+
+
+def gathered(tensors: Sequence[torch.Tensor]):
+    """Inside, the ZeRO-3 partitioned `tensors` are whole on every rank (one collective); else a no-op."""
+    partitioned = [tensor for tensor in tensors if is_zero3_partitioned(tensor)]
+    if not partitioned:
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters([tensor], modifier_rank=None)
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
 
-def streamed_weights(module: nn.Module) -> NamedTensors:
-    """Every `module.state_dict()` entry, ZeRO-3 parameters gathered one at a time (and copied out)."""
-    for name, tensor in module.state_dict(keep_vars=True).items():
-        with _gathered(tensor):
-            value = tensor.detach()
-            yield name, value.clone() if is_zero3_partitioned(tensor) else value
+def handed_out(tensor: torch.Tensor) -> torch.Tensor:
+    """A gathered ZeRO-3 tensor is freed when its bucket is released: the receiver gets a copy of it."""
+    return tensor.detach().clone() if is_zero3_partitioned(tensor) else tensor.detach()
 
 
-def policy_weights(model: nn.Module) -> NamedTensors:
+def streamed_weights(module: nn.Module, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> NamedTensors:
+    """Every `module.state_dict()` entry, ZeRO-3 parameters gathered a bucket at a time."""
+    for bucket in buckets(list(module.state_dict(keep_vars=True).items()), bucket_bytes):
+        with gathered([tensor for _, tensor in bucket]):
+            for name, tensor in bucket:
+                yield name, handed_out(tensor)
+
+
+def lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
+    """PEFT LoRA layers of `peft_model` by their module name in its base model."""
+    from peft.tuners.lora import LoraLayer
+
+    modules = peft_model.get_base_model().named_modules()
+    return {name: module for name, module in modules if isinstance(module, LoraLayer)}
+
+
+def transformers_name(peft_name: str) -> str | None:
+    """The transformers name of a base-model state-dict entry of a LoRA model, None for adapter weights."""
+    if ".lora_" in peft_name or ".original_module." in peft_name:
+        return None
+    return peft_name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+
+
+def merged_lora_weights(peft_model: nn.Module, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> NamedTensors:
+    """Transformers-named weights of a PEFT LoRA model with every adapter merged (W + scaling * B @ A), computed
+    a bucket at a time: the model is not modified and no merged copy of the whole model is held."""
+    layers = lora_layers(peft_model)
+    adapter = peft_model.active_adapter
+    entries = []
+    for name, tensor in peft_model.get_base_model().state_dict(keep_vars=True).items():
+        target = transformers_name(name)
+        if target is not None:
+            owner = name.rsplit(".", 1)[0].removesuffix(".base_layer")
+            layer = layers.get(owner) if name.endswith(".base_layer.weight") else None
+            entries.append((target, tensor, layer))
+    for bucket in buckets(entries, bucket_bytes, size=lambda entry: full_bytes(entry[1])):
+        adapters = [p for _, _, layer in bucket if layer is not None for p in lora_parameters(layer, adapter)]
+        with gathered([tensor for _, tensor, _ in bucket] + adapters):
+            for target, tensor, layer in bucket:
+                if layer is None or adapter not in layer.lora_A:
+                    yield target, handed_out(tensor)
+                else:
+                    delta = layer.get_delta_weight(adapter)
+                    yield target, tensor.detach() + delta.to(tensor.dtype)
+
+
+def lora_parameters(layer: nn.Module, adapter: str) -> list[torch.Tensor]:
+    if adapter not in layer.lora_A:
+        return []
+    return [layer.lora_A[adapter].weight, layer.lora_B[adapter].weight]
+
+
+def lora_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The active LoRA adapter's weights in PEFT's saved format (`get_peft_model_state_dict`: names such as
+    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight), on CPU; a collective under ZeRO-3."""
+    from peft import get_peft_model_state_dict
+
+    policy = unwrap_policy(model)
+    adapters = [p for layer in lora_layers(policy).values() for p in lora_parameters(layer, policy.active_adapter)]
+    with gathered(adapters):
+        state = get_peft_model_state_dict(policy, adapter_name=policy.active_adapter)
+        return {name: tensor.detach().to("cpu", copy=True) for name, tensor in state.items()}
+
+
+def policy_weights(model: nn.Module, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> NamedTensors:
     """Transformers-named full weights of `model` (LoRA merged); a collective under ZeRO-3 (see module doc)."""
     policy = unwrap_policy(model)
     if hasattr(policy, "peft_config"):
-        zero_stage = 3 if any(is_zero3_partitioned(p) for p in policy.parameters()) else 0
-        yield from hf_state_dict(policy, zero_stage, all_ranks=True).items()
+        yield from merged_lora_weights(policy, bucket_bytes)
     else:
-        yield from streamed_weights(policy)
+        yield from streamed_weights(policy, bucket_bytes)

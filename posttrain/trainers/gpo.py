@@ -37,7 +37,12 @@ from posttrain.models.logprobs import pair_logprob_rows, pair_logprob_sums
 from posttrain.models.reward import load_preference_scorer, reward_model_dir_problem
 from posttrain.rollout.config import SamplingConfig, sampling_for_step
 from posttrain.rollout.pairs import SampledPairs, best_worst_pairs, group_metrics, group_statistics
-from posttrain.rollout.samples import grouped_completions, load_or_draw_samples, rollout_model_dir
+from posttrain.rollout.samples import (
+    grouped_completions,
+    load_or_draw_samples,
+    lora_rank,
+    rollout_model_dir,
+)
 from posttrain.rollout.service import build_rollout_service
 from posttrain.trainers import register_algo
 from posttrain.training import Run, build_engine, pair_loss_scale, policy_module
@@ -118,7 +123,7 @@ class GPO:
         self.engine = build_engine(run, policy_module(run), self.total_steps)
         self.scorer.model.to(self.engine.device)
         model_dir = rollout_model_dir(cfg, run.run_dir, self.engine.module.policy, self.tokenizer)
-        self.rollout = build_rollout_service(cfg.rollout, model_dir, self.tokenizer)
+        self.rollout = build_rollout_service(cfg.rollout, model_dir, self.tokenizer, lora_rank(cfg))
         self.rollout.sync_weights(self.engine)  # a resumed trainer holds newer weights than model_dir
         self.initial_samples = self.load_or_draw_initial_samples(run.start_step > 0)
         log.info(
@@ -153,8 +158,8 @@ class GPO:
         started = time.perf_counter()
         pairs.reference_w, pairs.reference_l = self.pair_logprobs(pairs)
         gap = self.sync_gap(pairs)
-        metrics = self.update(pairs, iteration)
-        self.rollout.sync_weights(self.engine)
+        with self.rollout.released(sync_from=self.engine):  # engine asleep for the update, then synced
+            metrics = self.update(pairs, iteration)
         totals = dict(zip(stats, all_reduce_sum(list(stats.values()))))
         mean = totals["s_hat_sum"] / totals["samples"]
         metrics.update({

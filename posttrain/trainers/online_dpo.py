@@ -33,10 +33,10 @@ from posttrain.losses import PAIR_LOSSES
 from posttrain.losses.dpo import chosen_nll
 from posttrain.models.logprobs import pair_logprob_rows, pair_logprob_sums
 from posttrain.models.reward import reward_model_dir_problem
-from posttrain.rollout.config import SamplingConfig
+from posttrain.rollout.config import SamplingConfig, sampling_for_step
 from posttrain.rollout.oracles import ORACLES, VerifierOracle, VersusInitial
 from posttrain.rollout.pairs import SampledPairs, group_statistics, margin_pairs, stand_in_pair
-from posttrain.rollout.samples import grouped_completions, iteration_sampling, rollout_model_dir
+from posttrain.rollout.samples import grouped_completions, lora_rank, rollout_model_dir
 from posttrain.rollout.service import build_rollout_service
 from posttrain.trainers import register_algo
 from posttrain.training import Run, build_engine, idle_micro_step, policy_module
@@ -107,7 +107,7 @@ class OnlineDPO:
         self.engine = build_engine(run, policy_module(run), self.total_steps)
         self.oracle.to(self.engine.device)
         model_dir = rollout_model_dir(cfg, run.run_dir, self.engine.module.policy, self.tokenizer)
-        self.rollout = build_rollout_service(cfg.rollout, model_dir, self.tokenizer)
+        self.rollout = build_rollout_service(cfg.rollout, model_dir, self.tokenizer, lora_rank(cfg))
         self.rollout.sync_weights(self.engine)  # a resumed trainer holds newer weights than model_dir
         held_out = [p.prompt for p in unique_prompt_rows(eval_rows)[: algo.eval_prompts]] if eval_rows else []
         self.versus = None if verified else VersusInitial(  # the reward-model oracles' held-out metric
@@ -118,7 +118,7 @@ class OnlineDPO:
         algo, iteration = self.cfg.algo, step // self.steps_per_update
         prompts = [self.train_prompts[i] for i in self.prompt_plan.micro_batches(iteration, rank())[0]]
         started = time.perf_counter()
-        sampling = iteration_sampling(SamplingConfig(**algo.sampling), iteration)
+        sampling = sampling_for_step(algo.sampling, self.cfg.rollout.seed, iteration, rank())
         groups = grouped_completions(self.rollout, [p.prompt for p in prompts], sampling)
         rollout_seconds, started = time.perf_counter() - started, time.perf_counter()
         targets = self.oracle.targets(prompts, groups)
@@ -132,9 +132,10 @@ class OnlineDPO:
         padded = pairs.examples + [stand_in_pair(self.tokenizer.eos_token_id)] * (most - mine)
         reference = pair_logprob_rows(self.engine, padded, size, packing, pad)
         pairs.reference_w, pairs.reference_l = (sums[:mine].float() for sums in reference)
-        metrics = self.update(pairs) if kept else {}
+        metrics = {}
         if kept:  # no pairs anywhere (every group tied): no update, nothing to sync
-            self.rollout.sync_weights(self.engine)
+            with self.rollout.released(sync_from=self.engine):  # engine asleep for the update, then synced
+                metrics = self.update(pairs)
         stats = {**group_statistics(groups, pairs), "target_sum": float(targets.sum()), "prompts": float(len(groups))}
         totals = dict(zip(stats, all_reduce_sum(list(stats.values()))))
         samples = totals["samples"]

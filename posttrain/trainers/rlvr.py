@@ -34,8 +34,8 @@ from posttrain.models.reference import reference_logprob_rows, refresh_reference
 from posttrain.rewards import VERIFIERS
 from posttrain.rewards.reward import rollout_reward_metrics, verified_fraction
 from posttrain.rollout.config import SamplingConfig
-from posttrain.rollout.groups import rl_option_problems, sample_training_groups
-from posttrain.rollout.samples import PolicySample, rollout_model_dir
+from posttrain.rollout.rl_groups import rl_option_problems, sample_training_groups
+from posttrain.rollout.samples import PolicySample, lora_rank, rollout_model_dir
 from posttrain.rollout.service import build_rollout_service
 from posttrain.trainers import register_algo
 from posttrain.training import Run, build_engine, crossed, idle_micro_step, policy_module, total_optimizer_steps
@@ -128,7 +128,7 @@ class RLVR:
         self.total_steps = total_optimizer_steps(self.plan, cfg.train, self.steps_per_update)
         self.engine = build_engine(run, module, self.total_steps)
         model_dir = rollout_model_dir(cfg, run.run_dir, self.engine.module.policy, self.tokenizer)
-        self.rollout = build_rollout_service(cfg.rollout, model_dir, self.tokenizer)
+        self.rollout = build_rollout_service(cfg.rollout, model_dir, self.tokenizer, lora_rank(cfg))
         self.rollout.sync_weights(self.engine)  # the engine may hold older weights than the trainer (resume)
         log.info(
             "RLVR: %d train / %d eval prompts, %d rollout batches of %d prompts x %d samples, %d optimizer steps each",
@@ -147,9 +147,10 @@ class RLVR:
         samples, rollout_seconds = groups.samples, time.perf_counter() - started
         started = time.perf_counter()
         kept = all_reduce_sum([float(len(samples))])[0]
-        metrics = self.update(samples, step) if kept else {}
+        metrics = {}
         if kept:
-            self.rollout.sync_weights(self.engine)
+            with self.rollout.released(sync_from=self.engine):  # engine asleep for the update, then synced
+                metrics = self.update(samples, step)
         if self.reference is not None and crossed(
             step + self.steps_per_update, self.steps_per_update, algo.reference_refresh_every
         ):

@@ -20,8 +20,12 @@ def test_engine_kwargs_single_process_and_torchrun(monkeypatch):
     assert rank1["distributed_executor_backend"] == "external_launcher" and rank1["seed"] == 4
     gpu = engine_kwargs(RolloutConfig(enable_sleep_mode=True), "/m", "bfloat16", on_gpu=True, num_ranks=1, this_rank=0)
     assert gpu["enable_sleep_mode"] is True and "kv_cache_memory_bytes" not in gpu
-    with pytest.raises(ConfigError, match="tensor_parallel_size=2 under torchrun"):
-        engine_kwargs(RolloutConfig(tensor_parallel_size=2), "/m", "bfloat16", on_gpu=True, num_ranks=2, this_rank=0)
+    with pytest.raises(ConfigError, match="tensor_parallel_size=3 must divide the number of ranks 4"):
+        engine_kwargs(RolloutConfig(tensor_parallel_size=3), "/m", "bfloat16", on_gpu=True, num_ranks=4, this_rank=0)
+    # 4 ranks, TP=2: groups [0, 1] and [2, 3], one engine (and one sampling seed) per group
+    tp = [engine_kwargs(RolloutConfig(tensor_parallel_size=2), "/m", "bfloat16", True, 4, r) for r in range(4)]
+    assert [kwargs["seed"] for kwargs in tp] == [0, 0, 1, 1]
+    assert all(k["tensor_parallel_size"] == 2 and k["distributed_executor_backend"] == "external_launcher" for k in tp)
 
 
 def test_cpu_kv_cache_env_wins(monkeypatch):
@@ -72,26 +76,32 @@ class RecordingLLM:
         return True
 
 
-def test_sleep_then_sync_wakes_weights_first_and_kv_cache_at_generate():
+def test_sleep_then_sync_wakes_weights_first_and_kv_cache_at_wake(tiny_tokenizer, tiny_model):
+    """Through the service (which owns the sleep state): vLLM's sleep / wake_up(tags) / reload_weights calls."""
+    from posttrain.rollout.service import RolloutService
+
     llm = RecordingLLM(enable_sleep_mode=True)
-    backend = VLLMBackend(llm, RolloutConfig(enable_sleep_mode=True, sleep_level=2))
-    backend.sleep()
-    backend.sleep()  # already asleep: no second call
-    backend.load_weights(iter([("w", torch.zeros(1))]))
-    backend.wake_up()
-    backend.wake_up()  # already awake
+    cfg = RolloutConfig(enable_sleep_mode=True, sleep_level=2)
+    service = RolloutService(VLLMBackend(llm, cfg), tiny_tokenizer, cfg)
+    service.sleep()
+    service.sleep()  # already asleep: no second call
+    service.sync_weights(tiny_model)
+    service.wake_up()
+    service.wake_up()  # already awake
     assert llm.calls == [
         ("sleep", 2),
         ("wake_up", ("weights",)),
-        ("reload_weights", 1),
+        ("reload_weights", len(tiny_model.state_dict())),
         ("reset_prefix_cache",),
         ("wake_up", ("kv_cache",)),
     ]
 
 
-def test_sleep_is_a_no_op_without_sleep_mode():
+def test_sleep_is_a_no_op_without_sleep_mode(tiny_tokenizer):
+    from posttrain.rollout.service import RolloutService
+
     llm = RecordingLLM(enable_sleep_mode=False)
-    backend = VLLMBackend(llm, RolloutConfig())
-    backend.sleep()
-    backend.wake_up()
+    service = RolloutService(VLLMBackend(llm, RolloutConfig()), tiny_tokenizer, RolloutConfig(enable_sleep_mode=True))
+    assert service.sleep() is None
+    service.wake_up()
     assert llm.calls == []

@@ -18,7 +18,7 @@ from posttrain.models.logprob_model import CausalLMWithLogprobs
 from posttrain.models.logprobs import completion_logprobs, padded_rows
 from posttrain.rollout.completion import Completion
 from posttrain.rollout.config import RolloutConfig, SamplingConfig
-from posttrain.rollout.groups import sample_training_groups
+from posttrain.rollout.rl_groups import sample_training_groups
 from posttrain.rollout.samples import completion_example
 from posttrain.trainers import get_algorithm
 
