@@ -13,6 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from posttrain.data.prompts import TULU3_VERIFIER_MAP
 from posttrain.rollout.config import RolloutConfig, SamplingConfig
 
 
@@ -79,6 +80,9 @@ class DataConfig:
         default_factory=list
     )  # training rows from a mix of sources (replaces train_files)
     cache_tokenized: bool = False  # keep tokenised datasets in $POSTTRAIN_CACHE_DIR/tokenized, keyed by a content hash
+    num_proc: int = 1  # processes tokenising a split (datasets.map); the cache is built once, by rank 0
+    # RLVR rows without a "verifier" column: their "dataset" value -> verifier name (Tülu 3's mapping by default)
+    verifier_map: dict[str, str] = field(default_factory=lambda: dict(TULU3_VERIFIER_MAP))
 
 
 @dataclass

@@ -23,8 +23,8 @@ import torch
 
 from posttrain.data.batching import collate
 from posttrain.data.chat import IGNORE_INDEX, TokenizedExample, render_ids, tokenize_conversation, validate_messages
-from posttrain.data.sft import SkipCounts
 from posttrain.data.sources import SourceRow
+from posttrain.data.tokenization import SkipCounts, to_examples, tokenized_split
 from posttrain.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -135,15 +135,16 @@ def _fit_length(example: TokenizedExample, max_length: int, truncation: str, whe
     raise DataError(f"data.truncation={truncation!r} is not one of error, truncate, skip")
 
 
-def tokenize_pair(source_row: SourceRow, tokenizer, data_cfg) -> PreferenceExample | None:
-    """The pair of one row (None when the length policy drops it); bad rows raise DataError."""
+def tokenize_pair(source_row: SourceRow, tokenizer, max_length: int, truncation: str) -> PreferenceExample | None:
+    """The pair of one row (None when the length policy `max_length` / `truncation` drops it); bad rows raise
+    DataError."""
     where = source_row.where()
     prompt, chosen, rejected = validate_pair(source_row.row, where)
     prompt_ids = render_ids(tokenizer, prompt, add_generation_prompt=True)
     sequences = []
     for response in (chosen, rejected):
         example = tokenize_response(tokenizer, prompt, response, prompt_ids, where)
-        sequences.append(_fit_length(example, data_cfg.max_length, data_cfg.truncation, where))
+        sequences.append(_fit_length(example, max_length, truncation, where))
     if None in sequences:
         return None
     if sequences[0].input_ids == sequences[1].input_ids:
@@ -153,27 +154,22 @@ def tokenize_pair(source_row: SourceRow, tokenizer, data_cfg) -> PreferenceExamp
     return PreferenceExample(sequences[0], sequences[1], len(prompt_ids))
 
 
+def preference_example(columns: dict) -> PreferenceExample:
+    """A pair from one row of the tokenised table (`posttrain.data.tokenization`)."""
+    return PreferenceExample(
+        TokenizedExample(columns["chosen_input_ids"], columns["chosen_labels"]),
+        TokenizedExample(columns["rejected_input_ids"], columns["rejected_labels"]),
+        columns["prompt_length"],
+    )
+
+
 def build_preference_examples(
     rows: list[SourceRow], tokenizer, data_cfg, split: str
 ) -> tuple[list[PreferenceExample], SkipCounts]:
-    """Tokenise every row; bad rows raise or are skipped and counted per `data.on_bad_row`."""
-    if data_cfg.on_bad_row not in ("error", "skip"):
-        raise DataError(f"data.on_bad_row={data_cfg.on_bad_row!r} is not one of error, skip")
-    examples, skipped = [], SkipCounts()
-    for source_row in rows:
-        try:
-            example = tokenize_pair(source_row, tokenizer, data_cfg)
-        except DataError as error:
-            if data_cfg.on_bad_row == "error":
-                raise
-            skipped.bad_row += 1
-            if len(skipped.examples) < 3:
-                skipped.examples.append(str(error))
-            continue
-        if example is None:
-            skipped.too_long += 1
-            continue
-        examples.append(example)
+    """Tokenise every row (Arrow, `data.num_proc` processes, cached on disk with `data.cache_tokenized`); bad
+    rows raise or are skipped and counted per `data.on_bad_row`."""
+    table = tokenized_split("preference", rows, tokenizer, data_cfg)
+    examples, skipped = to_examples(table, data_cfg, preference_example)
     if skipped.total():
         log.warning(
             "%s preference data: skipped %d bad rows and %d over-long pairs (e.g. %s)",

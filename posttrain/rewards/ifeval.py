@@ -12,13 +12,17 @@ Ground truth: a dict, or its JSON string, like an IFEval / open-instruct row:
 a kwargs entry may be null, and null values inside one are dropped (HuggingFace IFEval rows carry
 every key). Unknown ids, missing or unexpected kwargs and bad relations raise DataError.
 
-The 24 supported instruction ids are the keys of INSTRUCTION_CHECKS; each check's docstring states
-its rule. Relations are "less than" (count < N) or "at least" (count >= N). Deliberate differences
-from the reference, so that nothing downloads at run time and every check is linear-time on any text:
+All 25 IFEval instruction ids are supported: the keys of INSTRUCTION_CHECKS; each check's docstring
+states its rule. The other ground-truth format, open-instruct's JSON constraint ({"func_name":
+"verify_bullet_points", "N": 3, ...}, Tülu 3's RLVR data), is read by
+`posttrain.rewards.ifeval_constraints`. Relations are "less than" (count < N) or "at least" (count >= N).
+Deliberate differences from the reference, so that nothing downloads at run time and every check is
+linear-time on any text:
 - sentences are counted by a rule-based splitter (terminal .!?, skipping common abbreviations and
   initials) instead of nltk's punkt model, which needs a data download;
 - change_case:english_capital / english_lowercase check case only; the reference also asks
-  langdetect that the text is English. language:response_language is not supported (no langdetect);
+  langdetect that the text is English, which misreads short all-capital text;
+- language:response_language asks langdetect with a fixed seed (the reference's detection is random);
 - capital words are \\w+ tokens instead of nltk.word_tokenize tokens;
 - keywords, forbidden words and markers match literally (re.escape) instead of as regexes;
 - patterns are rewritten without backtracking blow-ups (e.g. bullets use [ \\t]* not \\s*,
@@ -273,6 +277,25 @@ def is_quoted(response: str) -> bool:
     return len(text) > 1 and text[0] == '"' and text[-1] == '"'
 
 
+@_instruction("language:response_language")
+def is_in_language(response: str, language: str) -> bool:
+    """langdetect names `language` (an ISO 639-1 code such as "de") as the response's language; text it cannot
+    read (no letters) passes, as in the reference."""
+    return detect_language(response) in (None, language)
+
+
+def detect_language(text: str) -> str | None:
+    """The ISO 639-1 code langdetect gives `text` (seeded: the same answer every call), None if it finds no
+    language features. langdetect reads at most its first 10,000 characters, so any text is fast."""
+    import langdetect
+
+    langdetect.DetectorFactory.seed = 0
+    try:
+        return langdetect.detect(text)
+    except langdetect.LangDetectException:
+        return None
+
+
 # --- case and punctuation ---------------------------------------------------------------------
 
 
@@ -380,11 +403,16 @@ def _validated(instruction_id: Any, kwargs: Any) -> tuple[str, dict[str, Any]]:
 
 @register_verifier("ifeval")
 def score_ifeval(completion: str, ground_truth: dict | str) -> float:
-    """Fraction of the ground truth's instructions that `completion` satisfies, in [0, 1].
+    """Fraction of the ground truth's instructions that `completion` satisfies, in [0, 1]. The ground truth is
+    IFEval's (instruction ids + kwargs) or open-instruct's JSON constraint (func_name + kwargs).
 
     Linear time on any completion; never raises because of the completion; raises DataError for a
     malformed ground truth (see `parse_instructions`).
     """
+    from posttrain.rewards.ifeval_constraints import is_constraint_format, score_constraints  # built on the above
+
+    if is_constraint_format(ground_truth):
+        return score_constraints(completion, ground_truth)
     instructions = parse_instructions(ground_truth)
     satisfied = [INSTRUCTION_CHECKS[instruction_id](completion, **kwargs) for instruction_id, kwargs in instructions]
     return sum(map(bool, satisfied)) / len(satisfied)

@@ -20,7 +20,7 @@ import torch
 from posttrain.config import greedy_eval_request, sampled_eval_request
 from posttrain.data.batching import StepPlan, split_evenly
 from posttrain.data.loading import load_rows
-from posttrain.data.prompts import build_prompt_rows
+from posttrain.data.prompts import build_prompt_rows, drop_long_prompts
 from posttrain.engine import backend
 from posttrain.engine.distributed import all_reduce_sum, rank, world_size
 from posttrain.engine.export import export_hf
@@ -112,10 +112,12 @@ class RLVR:
     def __init__(self, run: Run):
         cfg = self.cfg = run.cfg
         train_rows, eval_rows = load_rows(cfg.data, "train"), load_rows(cfg.data, "eval")
-        known = VERIFIERS.names()
-        self.train_prompts = build_prompt_rows(train_rows, need_verifier=True, known_verifiers=known)
-        self.eval_prompts = build_prompt_rows(eval_rows, need_verifier=True, known_verifiers=known) if eval_rows else []
+        known, verifier_map, budget = VERIFIERS.names(), dict(cfg.data.verifier_map), cfg.data.max_length
+        self.train_prompts = build_prompt_rows(train_rows, True, known, verifier_map)
+        self.eval_prompts = build_prompt_rows(eval_rows, True, known, verifier_map) if eval_rows else []
         self.tokenizer = run.load_tokenizer([m["content"] for p in self.train_prompts for m in p.prompt])
+        self.train_prompts = drop_long_prompts(self.train_prompts, self.tokenizer, budget, "train")
+        self.eval_prompts = drop_long_prompts(self.eval_prompts, self.tokenizer, budget, "eval") if eval_rows else []
         run.commit()
         module = policy_module(run)
         self.reference = None

@@ -185,29 +185,3 @@ def test_mixture_and_train_files_together_are_refused(files):
     data_cfg = DataConfig(train_files=[str(files["a"])], mixture=[{"file": str(files["b"]), "count": 1}])
     with pytest.raises(ConfigError, match="data.mixture or data.train_files"):
         load_rows(data_cfg, "train")
-
-
-def test_tokenised_split_is_cached_by_content_hash(tmp_path, monkeypatch, files, tiny_tokenizer):
-    import posttrain.data.sft as sft_data
-    from posttrain.data.sft import build_sft_examples
-
-    monkeypatch.setenv("POSTTRAIN_CACHE_DIR", str(tmp_path / "cache"))
-    calls = []
-    real = sft_data.tokenize_sft_rows
-    monkeypatch.setattr(sft_data, "tokenize_sft_rows", lambda *args: calls.append(1) or real(*args))
-    data_cfg = DataConfig(cache_tokenized=True, max_length=64)
-    rows = mix_sources([{"file": str(files["a"]), "fraction": 1.0}], seed=0)
-
-    first, _ = build_sft_examples(rows, tiny_tokenizer, data_cfg, "train")
-    again, _ = build_sft_examples(rows, tiny_tokenizer, data_cfg, "train")
-    assert len(calls) == 1 and [e.input_ids for e in again] == [e.input_ids for e in first]
-    assert [e.input_ids for e in first] == [e.input_ids for e in real(rows, tiny_tokenizer, data_cfg, "train")[0]]
-    assert len(list((tmp_path / "cache" / "tokenized").glob("*.json"))) == 1
-
-    build_sft_examples(rows[:-1], tiny_tokenizer, data_cfg, "train")  # other rows: a new key
-    build_sft_examples(
-        rows, tiny_tokenizer, DataConfig(cache_tokenized=True, max_length=32, truncation="truncate"), "train"
-    )
-    assert len(calls) == 3  # the direct `real(...)` call above is not counted
-    build_sft_examples(rows, tiny_tokenizer, DataConfig(max_length=64), "train")  # cache off: always tokenises
-    assert len(calls) == 4

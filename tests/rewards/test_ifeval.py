@@ -61,6 +61,7 @@ CASES = [
     ("change_case:english_capital", {}, "ALL CAPS, 123!", "ALL CAPS but one"),
     ("change_case:english_lowercase", {}, "all lower, 123!", "all lower but One"),
     ("punctuation:no_comma", {}, "No commas here.", "One, two."),
+    ("language:response_language", {"language": "es"}, "Hola amigo, ¿cómo estás hoy?", "Hello friend, how are you?"),
 ]
 
 
@@ -130,7 +131,7 @@ def test_ground_truth_formats():
         ("not json", "not valid JSON"),
         ([1, 2], "must be a dict"),
         ({"kwargs": []}, "instruction_id_list"),
-        ({"instruction_id_list": ["language:response_language"], "kwargs": [{"language": "en"}]}, "unknown ifeval"),
+        ({"instruction_id_list": ["language:unknown_check"], "kwargs": [{"language": "en"}]}, "unknown ifeval"),
         ({"instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}, {}]}, "one entry per instruction"),
         ({"instruction_id_list": ["length_constraints:number_words"], "kwargs": [{"num_words": 5}]}, "do not fit"),
         ({"instruction_id_list": ["number_words"], "kwargs": [{"num_words": 5, "relation": "more"}]}, "must be one of"),
