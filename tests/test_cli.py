@@ -139,6 +139,10 @@ BAD_INPUTS = {
         "row 2 of {file} has",
     ),
     "bad_json": ([GOOD, "{not json"], "line 2 of {file} is not valid JSON"),
+    "empty_assistant_turn": (
+        [GOOD, {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}],
+        "row 2 of {file}: assistant message 1 is empty",
+    ),
 }
 
 
@@ -164,9 +168,30 @@ def test_bad_input_gets_one_clear_error_and_keeps_the_run_dir(case, tmp_path, ca
     assert (run_dir / "config.yaml").read_text() == "earlier: run\n"
 
 
+@pytest.mark.parametrize("case", ["directory", "non_utf8"])
+def test_file_level_data_errors_are_one_line_and_keep_the_run_dir(case, tmp_path, caplog):
+    data_file = tmp_path / "train.jsonl"
+    if case == "directory":
+        data_file.mkdir()
+        expected = f"data file {data_file} is a directory"
+    else:
+        data_file.write_bytes(json.dumps(GOOD).encode() + b"\n" + json.dumps(GOOD).encode()[:-2] + b'\xff"}\n')
+        expected = f"line 2 of {data_file} is not valid UTF-8 (byte 0xff"
+    run_dir = tmp_path / "run"
+    cfg = compose_config(["data=jsonl", f"data.train_files=[{data_file}]", f"run_dir={run_dir}", *FAST])
+    with pytest.raises(SystemExit) as exit_info:
+        run(cfg)
+    assert exit_info.value.code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and expected in errors[0], errors
+    assert not run_dir.exists()
+
+
 def test_bad_rows_can_be_skipped_and_counted(tmp_path):
+    blank_answer = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}
     data_file = write_jsonl(
-        tmp_path / "train.jsonl", [GOOD] * 16 + [{"text": "x"}, {"messages": [{"role": "user", "content": "q"}]}]
+        tmp_path / "train.jsonl",
+        [GOOD] * 16 + [{"text": "x"}, {"messages": [{"role": "user", "content": "q"}]}, blank_answer, "{not json"],
     )
     from posttrain.data.loading import load_rows
     from posttrain.data.sft import build_sft_examples
@@ -177,7 +202,7 @@ def test_bad_rows_can_be_skipped_and_counted(tmp_path):
     )
     tokenizer = train_tokenizer(["What is 1 + 1? 2"], 300)
     examples, skipped = build_sft_examples(load_rows(cfg.data, "train"), tokenizer, cfg.data, "train")
-    assert len(examples) == 16 and skipped.bad_row == 2
+    assert len(examples) == 16 and skipped.bad_row == 3  # the invalid JSON line is skipped (and logged) by load_rows
 
 
 def test_bad_input_from_the_command_line_prints_no_traceback(tmp_path):

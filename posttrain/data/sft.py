@@ -39,6 +39,17 @@ def build_sft_examples(
     return tokenize_sft_rows(rows, tokenizer, data_cfg, split)
 
 
+def refuse_blank_assistant_turns(messages: list[dict], where: str) -> None:
+    """A DataError for an assistant turn with blank content: trained on, it teaches the model to end its turn at
+    once (the preference data refuses blank responses likewise)."""
+    for turn, message in enumerate(messages):
+        if message["role"] == "assistant" and not message["content"].strip():
+            raise DataError(
+                f"{where}: assistant message {turn} is empty, so the model would learn to answer nothing; "
+                "fill it in or drop the row (data.on_bad_row=skip skips such rows)"
+            )
+
+
 def tokenize_sft_rows(
     rows: list[SourceRow], tokenizer, data_cfg, split: str
 ) -> tuple[list[TokenizedExample], SkipCounts]:
@@ -49,6 +60,7 @@ def tokenize_sft_rows(
         where = source_row.where()
         try:
             messages = validate_messages(source_row.row, where)
+            refuse_blank_assistant_turns(messages, where)
         except DataError as error:
             if data_cfg.on_bad_row == "error":
                 raise
