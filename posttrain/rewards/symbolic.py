@@ -33,6 +33,7 @@ from pathlib import Path
 from posttrain.rewards.safe import VerificationTimeout
 
 POOL_SIZE = 2  # concurrent symbolic checks; the machines this runs on have few cores to spare for rewards
+LEASE_GRACE_S = 1.0  # past its call's deadline by this much, a leased worker is presumed lost and replaced
 MEMORY_LIMIT_BYTES = 8 << 30  # address space of one worker: a runaway power fails with MemoryError, not swap
 _READY = "ready"
 
@@ -102,14 +103,20 @@ class _Worker:
 
 
 class SymbolicPool:
-    """Up to `size` workers; see the module docstring. Thread-safe."""
+    """Up to `size` workers; see the module docstring. Thread-safe.
+
+    A call leases its worker until its deadline plus `LEASE_GRACE_S`. A call normally hands the worker back (or
+    has it replaced) itself; one cut off by an enclosing deadline at an unlucky moment may lose track of it, so
+    workers whose lease has run out are killed and replaced by the next call instead of leaking.
+    """
 
     def __init__(self, size: int = POOL_SIZE):
         if size < 1:
             raise ValueError(f"a symbolic pool needs at least one worker, got size={size}")
         self.size = size
         self._idle: list[_Worker] = []
-        self._live = 0  # idle + busy workers
+        self._busy: dict[_Worker, float] = {}  # leased workers and when their lease runs out (time.monotonic)
+        self._live = 0  # idle + busy + starting workers
         self._free = threading.Condition()
         self.killed = 0  # workers killed for outliving a deadline (for tests and logs)
 
@@ -149,12 +156,14 @@ class SymbolicPool:
             worker.kill()
 
     def _acquire(self, deadline: float, timeout_s: float) -> _Worker:
-        with self._free:
-            while True:
-                ready = [worker for worker in self._idle if worker.ready]
-                if ready or self._idle:
-                    worker = (ready or self._idle)[0]
+        lease = deadline + LEASE_GRACE_S
+        while True:
+            self._reap()
+            with self._free:
+                if self._idle:
+                    worker = next((w for w in self._idle if w.ready), self._idle[0])
                     self._idle.remove(worker)
+                    self._busy[worker] = lease
                     return worker
                 if self._live < self.size:
                     self._live += 1
@@ -162,15 +171,18 @@ class SymbolicPool:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise VerificationTimeout(f"no symbolic worker became free within {timeout_s:g} s")
-                self._free.wait(remaining)
+                self._free.wait(min(remaining, 0.25))  # wake up now and then to reap expired leases
         with _alarm_deferred():
             try:
-                return _Worker()
+                worker = _Worker()
             except BaseException:
                 with self._free:
                     self._live -= 1
                     self._free.notify()
                 raise
+            with self._free:
+                self._busy[worker] = lease
+        return worker
 
     def _start(self, worker: _Worker, deadline: float, timeout_s: float) -> None:
         """Wait for `worker`'s ready line. Past the deadline (ours or an enclosing one) the worker goes back to the
@@ -193,11 +205,32 @@ class SymbolicPool:
 
     def _release(self, worker: _Worker) -> None:
         with _alarm_deferred(), self._free:
-            self._idle.append(worker)
-            self._free.notify()
+            if self._busy.pop(worker, None) is not None:  # else its lease ran out and it was replaced already
+                self._idle.append(worker)
+                self._free.notify()
 
     def _replace(self, worker: _Worker) -> None:
-        """Kill `worker` and start its replacement now, so it has warmed up by the next call."""
+        """Kill the leased `worker` and start its replacement now, so it has warmed up by the next call."""
+        with _alarm_deferred():
+            with self._free:
+                leased = self._busy.pop(worker, None) is not None
+            if leased:
+                self._renew(worker)
+            else:
+                worker.kill()
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        with _alarm_deferred():
+            with self._free:
+                expired = [worker for worker, lease in self._busy.items() if lease < now]
+                for worker in expired:
+                    del self._busy[worker]
+            for worker in expired:
+                self._renew(worker)
+
+    def _renew(self, worker: _Worker) -> None:
+        """Kill `worker` (no longer leased nor idle) and file a fresh one as idle."""
         with _alarm_deferred():
             worker.kill()
             try:
@@ -207,7 +240,9 @@ class SymbolicPool:
                     self._live -= 1
                     self._free.notify()
                 raise
-            self._release(replacement)
+            with self._free:
+                self._idle.append(replacement)
+                self._free.notify()
 
 
 _pool: SymbolicPool | None = None

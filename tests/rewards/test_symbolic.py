@@ -1,6 +1,7 @@
 """SymbolicPool: worker reuse, kill-and-replace on a deadline, start-up kept, several threads at once."""
 
 import threading
+import time
 
 import pytest
 
@@ -55,3 +56,13 @@ def test_threads_share_a_small_pool(pool):
         thread.join(90)
     assert results == expected
     assert pool._live == 1 and pool.killed == 0
+
+
+def test_a_worker_lost_by_an_interrupted_call_is_reaped_after_its_lease(pool):
+    # A call cut off by an enclosing deadline between taking a worker and handing it back loses track of it.
+    lost = pool._acquire(time.monotonic() + 0.1, 0.1)
+    assert pool._live == 1 and not pool._idle
+    # The pool (size 1) is not stuck: once the lease (deadline + grace) runs out, the worker is killed and replaced.
+    assert pool.equivalent("x^2", "x \\cdot x", timeout_s=30) is True
+    assert lost.process.poll() is not None
+    assert pool._live == 1 and len(pool._idle) == 1 and not pool._busy
