@@ -204,6 +204,29 @@ class Config:
     resume: str = "auto"  # auto: continue from the newest checkpoint in run_dir if any | never
 
 
+def undeclared_keys(node, prefix: str = "") -> list[str]:
+    """Dotted keys of `node` (a composed config) that its dataclass schemas do not declare: added with
+    `+key=value`, which Hydra allows even on a structured config, and otherwise ignored without a word. Keys
+    under free-form dict fields (`data.generator_kwargs`, `deepspeed.overrides`, ...) are not checked."""
+    import dataclasses
+
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+    declared = {item.name for item in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    found = []
+    children = enumerate(node) if isinstance(node, ListConfig) else ((key, None) for key in node.keys())
+    for key, _ in children:
+        path = f"{prefix}{key}"
+        if declared is not None and key not in declared:
+            found.append(path)
+            continue
+        child = node._get_node(key)
+        if isinstance(child, (DictConfig, ListConfig)) and not child._is_none() and not child._is_missing():
+            found += undeclared_keys(child, path + ".")
+    return found
+
+
 def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore (idempotent): the top-level one and each algorithm's own."""
     from posttrain.trainers import load_algorithms

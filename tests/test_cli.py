@@ -9,6 +9,7 @@ from helpers import compose_config, run_posttrain
 from omegaconf import OmegaConf
 
 from posttrain.cli import CONF_DIR, run
+from posttrain.config import undeclared_keys
 
 FAST = ["data.num_train=64", "data.num_eval=8", "logger.progress_bar=false", "train.max_steps=2"]
 
@@ -27,6 +28,7 @@ def test_every_yaml_in_conf_composes(group, option, tmp_path):
     if group == "data" and option == "jsonl":
         overrides.append("data.train_files=[train.jsonl]")
     cfg = compose_config(overrides)
+    assert undeclared_keys(cfg) == []
     if group == "recipe":  # recipes are global packages: they set keys across groups
         assert OmegaConf.load(CONF_DIR / group / f"{option}.yaml").defaults, "a recipe selects its algo / data groups"
         assert cfg.algo.name != "sft" or option.endswith("sft")
@@ -40,6 +42,75 @@ def test_config_typo_fails_at_start_naming_the_key(tmp_path):
     assert "lrr" in result.stderr and "OptimConfig" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# Each bad value, found before anything is read or written: (overrides, what the one error line says).
+BAD_CONFIG_VALUES = {
+    "negative_lr": (["optim.lr=-1"], "optim.lr=-1.0 must be >= 0"),
+    "zero_micro_batch": (["train.micro_batch_size=0"], "train.micro_batch_size=0 must be >= 1"),
+    "zero_accumulation": (["train.gradient_accumulation_steps=0"], "train.gradient_accumulation_steps=0 must be >= 1"),
+    "bogus_truncation": (["data.truncation=bogus"], "data.truncation='bogus' must be one of error, truncate, skip"),
+    "bogus_loss_reduction": (["algo.loss_reduction=bogus"], "algo.loss_reduction='bogus' must be one of"),
+    "cross_family_loss": (["algo=dpo", "algo.loss=bt"], "'bt' is a reward-model loss, not a preference-pair loss"),
+    "missing_model_path": (["model.path={tmp}/no/such/model"], "model.path={tmp}/no/such/model is neither"),
+    "not_a_model_dir": (["model.path={tmp}"], "model.path={tmp}: cannot load its tokenizer (the local directory"),
+    "appended_unknown_key": (["+optim.lrr=1"], "unknown config key(s) optim.lrr: no schema"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIG_VALUES))
+def test_bad_config_values_exit_2_before_anything_is_written(case, tmp_path, caplog):
+    overrides, expected = BAD_CONFIG_VALUES[case]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("earlier: run\n")
+    cfg = compose_config([o.format(tmp=tmp_path) for o in overrides] + [f"run_dir={run_dir}", *FAST])
+    with pytest.raises(SystemExit) as exit_info:
+        run(cfg)
+    assert exit_info.value.code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and expected.format(tmp=tmp_path) in errors[0], errors
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
+    assert (run_dir / "config.yaml").read_text() == "earlier: run\n"
+
+
+# Through the CLI: Hydra composition errors and a late-found value, each one line on stderr and exit status 2.
+CLI_ERRORS = {
+    "unknown_algo": (["algo=nope"], "unknown algo option 'nope' (algo=nope); known options: dpo, gpo, pipeline"),
+    "unknown_recipe": (["recipe=nope"], "unknown recipe option 'nope' (recipe=nope); known options: tiny_dpo"),
+    "unknown_key": (["optim.lrr=1"], "Key 'lrr' not in 'OptimConfig'"),
+    "appended_unknown_key": (["+optim.lrr=1"], "unknown config key(s) optim.lrr"),
+    "bad_value": (["data.truncation=bogus"], "data.truncation='bogus' must be one of error, truncate, skip"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CLI_ERRORS))
+def test_cli_config_errors_are_one_line_with_exit_status_2(case, tmp_path):
+    overrides, expected = CLI_ERRORS[case]
+    result = run_posttrain(*overrides, f"run_dir={tmp_path / 'run'}", timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    error_lines = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(error_lines) == 1 and expected in error_lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "HYDRA_FULL_ERROR" not in result.stderr
+    assert "_schema" not in result.stderr
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())  # Hydra makes the dir, empty
+
+
+def test_help_names_posttrain_and_lists_algorithms_and_recipes():
+    from posttrain.trainers import load_algorithms
+
+    result = run_posttrain("--help", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = result.stdout
+    assert text.startswith("posttrain: post-training") and "Usage: posttrain [group=option ...]" in text
+    algorithms = text.split("== Algorithms (algo=NAME) ==")[1].split("==")[0]
+    assert sorted(line.split()[0] for line in algorithms.strip().splitlines()) == load_algorithms().names()
+    recipes = text.split("== Recipes")[1].split("== Config groups")[0]
+    for recipe in (CONF_DIR / "recipe").glob("*.yaml"):
+        assert f"  {recipe.stem} " in recipes
+    assert "deepspeed  zero0, zero1, zero2, zero3, zero3_offload" in text
+    assert "== Examples ==" in text and "posttrain recipe=tiny_dpo" in text
+    assert "_schema" not in text and "cli" not in text.split()
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -68,6 +139,10 @@ BAD_INPUTS = {
         "row 2 of {file} has",
     ),
     "bad_json": ([GOOD, "{not json"], "line 2 of {file} is not valid JSON"),
+    "empty_assistant_turn": (
+        [GOOD, {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}],
+        "row 2 of {file}: assistant message 1 is empty",
+    ),
 }
 
 
@@ -93,9 +168,30 @@ def test_bad_input_gets_one_clear_error_and_keeps_the_run_dir(case, tmp_path, ca
     assert (run_dir / "config.yaml").read_text() == "earlier: run\n"
 
 
+@pytest.mark.parametrize("case", ["directory", "non_utf8"])
+def test_file_level_data_errors_are_one_line_and_keep_the_run_dir(case, tmp_path, caplog):
+    data_file = tmp_path / "train.jsonl"
+    if case == "directory":
+        data_file.mkdir()
+        expected = f"data file {data_file} is a directory"
+    else:
+        data_file.write_bytes(json.dumps(GOOD).encode() + b"\n" + json.dumps(GOOD).encode()[:-2] + b'\xff"}\n')
+        expected = f"line 2 of {data_file} is not valid UTF-8 (byte 0xff"
+    run_dir = tmp_path / "run"
+    cfg = compose_config(["data=jsonl", f"data.train_files=[{data_file}]", f"run_dir={run_dir}", *FAST])
+    with pytest.raises(SystemExit) as exit_info:
+        run(cfg)
+    assert exit_info.value.code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and expected in errors[0], errors
+    assert not run_dir.exists()
+
+
 def test_bad_rows_can_be_skipped_and_counted(tmp_path):
+    blank_answer = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}
     data_file = write_jsonl(
-        tmp_path / "train.jsonl", [GOOD] * 16 + [{"text": "x"}, {"messages": [{"role": "user", "content": "q"}]}]
+        tmp_path / "train.jsonl",
+        [GOOD] * 16 + [{"text": "x"}, {"messages": [{"role": "user", "content": "q"}]}, blank_answer, "{not json"],
     )
     from posttrain.data.loading import load_rows
     from posttrain.data.sft import build_sft_examples
@@ -106,7 +202,7 @@ def test_bad_rows_can_be_skipped_and_counted(tmp_path):
     )
     tokenizer = train_tokenizer(["What is 1 + 1? 2"], 300)
     examples, skipped = build_sft_examples(load_rows(cfg.data, "train"), tokenizer, cfg.data, "train")
-    assert len(examples) == 16 and skipped.bad_row == 2
+    assert len(examples) == 16 and skipped.bad_row == 3  # the invalid JSON line is skipped (and logged) by load_rows
 
 
 def test_bad_input_from_the_command_line_prints_no_traceback(tmp_path):

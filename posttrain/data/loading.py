@@ -24,7 +24,8 @@ def load_rows(data_cfg, split: str) -> list[SourceRow]:
         return mix_sources(mixture, data_cfg.seed)
     files = data_cfg.train_files if split == "train" else data_cfg.eval_files
     if files:
-        rows = [row for name in files for row in read_source(name, split)]
+        on_bad_row = getattr(data_cfg, "on_bad_row", "error")
+        rows = [row for name in files for row in read_source(name, split, on_bad_row)]
         if not rows:
             raise DataError(f"the {split} data ({', '.join(files)}) holds no rows")
         return rows

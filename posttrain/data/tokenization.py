@@ -74,11 +74,23 @@ def source_rows(batch: dict) -> list[SourceRow]:
     return [SourceRow(source, index, json.loads(row)) for source, index, row in zip(*batch.values())]
 
 
+def refuse_blank_assistant_turns(messages: list[dict], where: str) -> None:
+    """A DataError for an assistant turn with blank content: trained on, it teaches the model to end its turn at
+    once (the preference data refuses blank responses likewise)."""
+    for turn, message in enumerate(messages):
+        if message["role"] == "assistant" and not message["content"].strip():
+            raise DataError(
+                f"{where}: assistant message {turn} is empty, so the model would learn to answer nothing; "
+                "fill it in or drop the row (data.on_bad_row=skip skips such rows)"
+            )
+
+
 def tokenize_sft_row(source_row: SourceRow, tokenizer, max_length: int, truncation: str) -> dict:
     """One SFT row's output: ids and labels, or a status and message (see the module docstring)."""
     where = source_row.where()
     try:
         messages = validate_messages(source_row.row, where)
+        refuse_blank_assistant_turns(messages, where)
     except DataError as error:
         return {"input_ids": [], "labels": [], "status": "bad_row", "message": str(error)}
     try:

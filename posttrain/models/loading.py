@@ -33,7 +33,10 @@ def torch_dtype(name: str) -> torch.dtype:
 def load_tokenizer(model_cfg, texts: Iterable[str] | None, save_dir: Path | None) -> PreTrainedTokenizerBase:
     """The tokenizer for `model_cfg`: from `model.path`, from `save_dir` if saved, else trained on `texts`."""
     if model_cfg.path:
-        tokenizer = AutoTokenizer.from_pretrained(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code)
+        except (OSError, ValueError) as error:  # not found, offline, not a model directory
+            raise _unloadable(model_cfg.path, "tokenizer", error) from None
         if model_cfg.chat_template:
             tokenizer.chat_template = model_cfg.chat_template
         elif tokenizer.chat_template is None:
@@ -51,6 +54,15 @@ def load_tokenizer(model_cfg, texts: Iterable[str] | None, save_dir: Path | None
         save_dir.mkdir(parents=True, exist_ok=True)
         tokenizer.save_pretrained(str(save_dir))
     return tokenizer
+
+
+def _unloadable(path: str, what: str, error: Exception) -> ConfigError:
+    reason = " ".join(str(error).split())[:300]
+    where = "the local directory exists" if Path(path).is_dir() else "no such local directory; as a hub name"
+    return ConfigError(
+        f"model.path={path}: cannot load its {what} ({where}: {reason}); give a Hugging Face model directory "
+        "(e.g. a run's final/) or a hub name reachable online or in the local cache"
+    )
 
 
 def tiny_llama_config(tiny_cfg, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
@@ -106,13 +118,16 @@ def load_model(
     dtype = torch_dtype(model_cfg.dtype)
     attn_implementation = resolve_attn_implementation(model_cfg.attn_implementation)
     if model_cfg.path:
-        with sharded_init(ds_config):
-            model = AutoModelForCausalLM.from_pretrained(
-                model_cfg.path,
-                dtype=dtype,
-                attn_implementation=attn_implementation,
-                trust_remote_code=model_cfg.trust_remote_code,
-            )
+        try:
+            with sharded_init(ds_config):
+                model = AutoModelForCausalLM.from_pretrained(
+                    model_cfg.path,
+                    dtype=dtype,
+                    attn_implementation=attn_implementation,
+                    trust_remote_code=model_cfg.trust_remote_code,
+                )
+        except (OSError, ValueError) as error:
+            raise _unloadable(model_cfg.path, "model", error) from None
     else:
         config = tiny_llama_config(model_cfg.tiny, tokenizer)
         config._attn_implementation = attn_implementation

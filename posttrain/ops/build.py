@@ -19,7 +19,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc"
+SOURCE_DIR = Path(__file__).resolve().parents[1] / "csrc"  # package data (the checkout's csrc/ links here)
 DISABLE_ENV_VAR = "POSTTRAIN_DISABLE_FUSED"
 CPU_SOURCES = ("fused_logprobs.cpp",)
 CUDA_SOURCES = ("cuda/fused_logprobs_kernel.cu", "cuda/fused_logprobs_cuda.cpp")
@@ -83,7 +83,7 @@ def _build_and_load() -> FusedExtension:
     sources = [SOURCE_DIR / relative for relative in relative_sources]
     missing = [str(path) for path in sources if not path.is_file()]
     if missing:
-        raise FileNotFoundError(f"extension sources not found: {missing} (csrc/ ships with the git checkout)")
+        raise FileNotFoundError(f"extension sources not found: {missing} (posttrain/csrc/ ships inside the package)")
     # Separate names keep the CPU-only and CUDA builds from overwriting each other's cache.
     name = "posttrain_fused_logprobs_cuda" if with_cuda else "posttrain_fused_logprobs"
     directory = build_directory(name)

@@ -15,23 +15,28 @@ Answer extraction, first rule that applies:
 3. The content of the last $...$ pair.
 Answers longer than MAX_ANSWER_CHARS give no answer (real MATH answers are under 100 characters).
 
-Equivalence: both answers are parsed as LaTeX with `math_verify.parse` and compared with
-`math_verify.verify(gold, predicted)` ("\\frac{1}{2}" == "0.5" == "1/2", "x=5" matches "5", sets
-ignore order, ...). Both calls run under `safe.call_with_timeout`, with math_verify's own SIGALRM
-timeouts turned off (they would cancel an enclosing deadline; see `posttrain.rewards.safe`), so
-LaTeX that sends the ANTLR parser or sympy into minutes of work scores 0 after `timeout_s`, from any
-thread. math_verify logs one warning that its own timeout is disabled; that is expected.
+Equivalence, cheapest test first:
+1. Fast path, in this process: answers equal after dropping spaces, "$", "\\left"/"\\right", thin spaces
+   and a trailing period are equivalent; two plain numbers ("-3", "2.50", "7/2", "\\frac{7}{2}") are
+   equivalent when equal as exact fractions, and two different plain integers are not.
+2. Otherwise both answers are parsed as LaTeX with `math_verify.parse` and compared with
+   `math_verify.verify(gold, predicted)` ("\\frac{1}{2}" == "0.5" == "1/2", "x=5" matches "5", sets
+   ignore order, ...) in a killable worker process (`posttrain.rewards.symbolic`), with math_verify's
+   own SIGALRM timeouts off. LaTeX that sends the ANTLR parser or sympy into minutes of work
+   ("\\boxed{10^{10^{10}}}": one big-integer power that no signal or thread can interrupt) scores 0
+   after `timeout_s`, from any thread, and its worker is killed and replaced.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
+from fractions import Fraction
 
 from posttrain.errors import DataError
 from posttrain.rewards import register_verifier
-from posttrain.rewards.safe import VerificationTimeout, call_with_timeout
+from posttrain.rewards.safe import VerificationTimeout
+from posttrain.rewards.symbolic import SymbolicWorkerError, shared_pool
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +47,13 @@ _BOX_COMMANDS = ("\\boxed", "\\fbox")
 _BRACE_OR_ESCAPE = re.compile(r"\\.|[{}]", re.DOTALL)
 _FINAL_ANSWER = re.compile(r"final answer is", re.IGNORECASE)
 _DOLLAR_MATH = re.compile(r"\$([^$]+)\$")
+# Fast path: what never changes an answer's value (whitespace only where no letters meet: "\\sin x" is not
+# "\\sinx"), and the plain numbers compared without sympy: a decimal, a/b, or \\frac{a}{b}.
+_IGNORED = re.compile(r"(?<![A-Za-z])\s+|\s+(?![A-Za-z])|\$|\\left|\\right|\\[,;!]")
+_PLAIN_NUMBER = re.compile(
+    r"(?P<sign>-?)(?:(?P<decimal>\d{1,100}(?:\.\d{1,100})?|\.\d{1,100})|(?P<a>\d{1,100})/(?P<b>\d{1,100})"
+    r"|\\[dt]?frac\{(?P<c>\d{1,100})\}\{(?P<d>\d{1,100})\})"
+)
 
 
 def _braced_argument(text: str, open_index: int) -> str | None:
@@ -118,35 +130,55 @@ def gold_answer(ground_truth: str | int | float) -> str:
     return answer
 
 
-@functools.lru_cache(maxsize=4096)
-def _parse_latex(answer: str) -> list:
-    # Imported here: math_verify pulls in sympy and ANTLR (about a second), needed only by this verifier.
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
-
-    return parse(
-        f"${answer}$",
-        extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
-        parsing_timeout=None,
-    )
+def _normalized(answer: str) -> str:
+    return _IGNORED.sub("", answer).rstrip(".")
 
 
-def _equivalent(gold: str, predicted: str) -> bool:
-    from math_verify import verify
+def _plain_number(answer: str) -> Fraction | None:
+    match = _PLAIN_NUMBER.fullmatch(answer)
+    if match is None:
+        return None
+    numerator, denominator = match["a"] or match["c"], match["b"] or match["d"]
+    if numerator is None:
+        value = Fraction(match["decimal"])
+    elif int(denominator) == 0:
+        return None
+    else:
+        value = Fraction(int(numerator), int(denominator))
+    return -value if match["sign"] else value
 
-    return bool(verify(_parse_latex(gold), _parse_latex(predicted), timeout_seconds=None))
+
+def quick_equivalent(gold: str, predicted: str) -> bool | None:
+    """The fast path (rule 1 of the module docstring): True or False when string and number comparisons decide,
+    None when only the symbolic check can."""
+    gold, predicted = _normalized(gold), _normalized(predicted)
+    if gold == predicted:
+        return True
+    gold_number, predicted_number = _plain_number(gold), _plain_number(predicted)
+    if gold_number is None or predicted_number is None:
+        return None
+    if gold_number == predicted_number:
+        return True
+    if gold_number.denominator == predicted_number.denominator == 1 and "." not in gold + predicted:
+        return False  # distinct integers; decimals go on to math_verify, which rounds them
+    return None
 
 
 def answers_equivalent(gold: str, predicted: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
-    """Whether two extracted answers are mathematically equal per math_verify (gold first: verify is
-    asymmetric). False if parsing and comparing take longer than `timeout_s` seconds, or fail.
+    """Whether two extracted answers are mathematically equal: the fast path, else math_verify (gold first:
+    verify is asymmetric) in a worker process. False if the symbolic check takes longer than `timeout_s`
+    seconds, or fails.
     """
+    quick = quick_equivalent(gold, predicted)
+    if quick is not None:
+        return quick
     try:
-        return call_with_timeout(_equivalent, (gold, predicted), timeout_s)
+        return shared_pool().equivalent(gold, predicted, timeout_s)
     except VerificationTimeout:
         logger.debug("math equivalence timed out after %g s for answer %.80r", timeout_s, predicted)
         return False
-    except Exception:  # math_verify catches its own errors; this covers sympy corners it misses
-        logger.debug("math equivalence failed for answer %.80r", predicted, exc_info=True)
+    except SymbolicWorkerError:
+        logger.warning("math equivalence failed for answer %.80r", predicted, exc_info=True)
         return False
 
 

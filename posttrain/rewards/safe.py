@@ -17,12 +17,13 @@ How the deadline is enforced, and why:
   thread: on timeout the worker is abandoned and runs on in the background. That is the guarded
   part: at most `MAX_ABANDONED_THREADS` abandoned workers may be alive at once; past that, calls
   from non-main threads fail fast with `VerificationTimeout` rather than pile up CPU-burning threads.
-  A subprocess would be killable, but forking a process that holds torch threads is unsafe and
-  spawning one costs about a second of imports per call.
 
 Neither mechanism can interrupt a single long C call (one enormous integer operation, a regex that
-backtracks): the Python-level handler runs only when the C call returns. Verifiers therefore bound
-their inputs (answer length caps, regexes without nested quantifiers) before doing expensive work.
+backtracks): the Python-level handler runs only when the C call returns, and a thread stuck in one keeps
+the GIL, so even the waiting caller stalls. Verifiers therefore bound their inputs (answer length caps,
+regexes without nested quantifiers) before doing expensive work, and symbolic math, whose inputs cannot
+be bounded that way (`10^{10^{10}}` is short), runs in killable worker processes instead
+(`posttrain.rewards.symbolic`).
 """
 
 from __future__ import annotations

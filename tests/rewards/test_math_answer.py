@@ -7,7 +7,16 @@ import pytest
 
 from posttrain.errors import DataError
 from posttrain.rewards import get_verifier, math_answer
-from posttrain.rewards.math_answer import MAX_ANSWER_CHARS, extract_answer, gold_answer, last_boxed, score_math
+from posttrain.rewards.math_answer import (
+    MAX_ANSWER_CHARS,
+    answers_equivalent,
+    extract_answer,
+    gold_answer,
+    last_boxed,
+    quick_equivalent,
+    score_math,
+)
+from posttrain.rewards.symbolic import shared_pool
 
 # MATH test set, algebra (Hendrycks et al. 2021; also the first MATH-500 problem): the reference solution.
 ASYMPTOTES_SOLUTION = (
@@ -135,16 +144,57 @@ def test_slow_latex_is_cut_off_by_the_timeout_in_the_main_thread():
     assert time.perf_counter() - started < 2.0
 
 
-def test_timeout_also_bounds_calls_from_other_threads(monkeypatch):
-    # A stand-in for a hung sympy call that, unlike a real one, stops when released instead of
-    # burning CPU in its abandoned thread for the rest of the test session.
-    release = threading.Event()
-    monkeypatch.setattr(math_answer, "_equivalent", lambda gold, predicted: release.wait(10))
+# Each is one big-integer power inside sympy: a C call that holds the GIL, so neither SIGALRM nor a thread's
+# join(timeout) could stop it (40-120 s seen before the symbolic check moved into killable worker processes).
+HUGE_POWERS = ["\\boxed{10^{10^{10}}}", "$2^{2^{100}}$", "$9^{9^{9}}$", "\\boxed{7^{7^{7^{7}}}}"]
+
+
+def _in_thread(fn, limit_s: float):
+    """fn() in a fresh non-main thread, waited for at most `limit_s` seconds: (result or None, seconds)."""
     results = []
-    worker = threading.Thread(target=lambda: results.append(score_math("\\boxed{1}", "1", timeout_s=0.1)))
+    worker = threading.Thread(target=lambda: results.append(fn()), daemon=True)
     started = time.perf_counter()
     worker.start()
-    worker.join(5)
-    release.set()
-    assert results == [0.0]
-    assert time.perf_counter() - started < 2.0
+    worker.join(limit_s)
+    return (results[0] if results else None), time.perf_counter() - started
+
+
+def test_huge_powers_return_within_the_deadline_from_a_non_main_thread():
+    # Warm the pool first: a worker's start-up (importing math_verify) is not what is being timed here.
+    assert _in_thread(lambda: score_math("\\boxed{x^2+2x+1}", "(x+1)^2", timeout_s=30), 60)[0] == 1.0
+    killed_before = shared_pool().killed
+    for completion in HUGE_POWERS:
+        score, seconds = _in_thread(lambda completion=completion: score_math(completion, "1", timeout_s=1.0), 20)
+        assert score == 0.0, completion
+        assert seconds < 2.5, (completion, seconds)
+    assert shared_pool().killed - killed_before == len(HUGE_POWERS)
+    # The killed workers were replaced: symbolic checks still work.
+    assert _in_thread(lambda: score_math("\\boxed{\\sqrt{12}}", "2\\sqrt{3}", timeout_s=30), 60)[0] == 1.0
+
+
+@pytest.mark.parametrize(
+    "gold,predicted,expected",
+    [
+        ("72", "72", True),
+        ("72", "71", False),
+        ("-3", "3", False),
+        ("\\frac{1}{2}", "0.5", True),
+        ("7/2", "\\dfrac{7}{2}", True),
+        ("2.50", "2.5", True),
+        ("x + 1", "x+1", True),
+        ("\\left(1, 2\\right)", "(1,2)", True),
+        ("5", "5.", True),
+        ("0.51", "\\frac{1}{2}", None),  # math_verify rounds decimals: its call
+        ("\\sin x", "\\sinx", None),
+        ("x = 5", "5", None),
+    ],
+)
+def test_fast_path_decides_plain_answers_without_a_worker(gold, predicted, expected, monkeypatch):
+    assert quick_equivalent(gold, predicted) is expected
+    if expected is not None:
+
+        def no_worker():
+            raise AssertionError("the fast path went to the symbolic worker")
+
+        monkeypatch.setattr(math_answer, "shared_pool", no_worker)
+        assert answers_equivalent(gold, predicted) is expected

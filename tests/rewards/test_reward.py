@@ -130,6 +130,23 @@ def test_score_batch_with_the_real_verifiers():
     assert counts == {"ok": 5, "error": 0, "timeout": 0}
 
 
+def test_score_batch_from_a_non_main_thread_cuts_off_a_huge_power():
+    """RLVR's reward path off the main thread: the symbolic hang is killed at the deadline, the rest score."""
+    rows = [GSM8K_ROW, {"verifier": "math", "ground_truth": "1"}, {"verifier": "math", "ground_truth": "x^2"}]
+    completions = ["so 72", "\\boxed{10^{10^{10}}}", "\\boxed{x \\cdot x}"]
+    outcome = []
+    worker = threading.Thread(target=lambda: outcome.append(score_batch(rows, completions, [True] * 3, timeout_s=2.0)))
+    worker.daemon = True
+    started = time.perf_counter()
+    worker.start()
+    worker.join(30)
+    assert outcome, "score_batch did not return"
+    rewards, counts = outcome[0]
+    assert rewards == [10.0, 0.0, 10.0]
+    assert counts == {"ok": 2, "error": 0, "timeout": 1}
+    assert time.perf_counter() - started < 8.0  # two deadlines at most (the hang, a cold worker start)
+
+
 def test_score_batch_validates_before_scoring():
     with pytest.raises(DataError, match="one row and one finished flag per completion"):
         score_batch([GSM8K_ROW], ["72", "72"], [True, True])
