@@ -76,8 +76,14 @@ def test_bad_config_values_exit_2_before_anything_is_written(case, tmp_path, cap
 
 # Through the CLI: Hydra composition errors and a late-found value, each one line on stderr and exit status 2.
 CLI_ERRORS = {
-    "unknown_algo": (["algo=nope"], "unknown algo option 'nope' (algo=nope); known options: dpo, gpo, pipeline"),
-    "unknown_recipe": (["recipe=nope"], "unknown recipe option 'nope' (recipe=nope); known options: tiny_dpo"),
+    "unknown_algo": (
+        ["algo=nope"],
+        "unknown algo option 'nope' (algo=nope); known options: distill, dpo, gpo, online_dpo, pipeline",
+    ),
+    "unknown_recipe": (
+        ["recipe=nope"],
+        "unknown recipe option 'nope' (recipe=nope); known options: dapo_tiny, tiny_distill, tiny_dpo",
+    ),
     "unknown_key": (["optim.lrr=1"], "Key 'lrr' not in 'OptimConfig'"),
     "appended_unknown_key": (["+optim.lrr=1"], "unknown config key(s) optim.lrr"),
     "bad_value": (["data.truncation=bogus"], "data.truncation='bogus' must be one of error, truncate, skip"),
