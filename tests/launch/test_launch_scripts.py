@@ -40,7 +40,7 @@ def launch(script, *overrides, env=None, timeout=300):
 def assert_two_rank_run(run_dir, result):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert [m["step"] for m in read_metrics(run_dir) if "loss" in m] == [1, 2]
-    assert (run_dir / "checkpoints" / "step_2" / "rng_rank1.pt").exists()  # a second rank took part
+    assert (run_dir / "checkpoints" / "step_2" / "rng_rank1.json").exists()  # a second rank took part
     assert (run_dir / "final" / "model.safetensors").exists()
 
 

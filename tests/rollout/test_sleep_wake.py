@@ -134,7 +134,7 @@ def test_rlvr_run_sleeps_for_every_update_and_wakes_weights_before_each_sync(tmp
             "algo.prompts_per_step=2",
             "algo.sampling.n=4",
             "algo.sampling.max_tokens=8",
-            "algo.drop_zero_variance_groups=false",  # every step trains and syncs, whatever the rewards
+            "algo.dynamic_sampling=off",  # every step trains and syncs, whatever the rewards
             "eval.max_tokens=8",
             "data.num_train=16",
             "data.num_eval=2",
