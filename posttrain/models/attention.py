@@ -4,13 +4,15 @@
 sdpa otherwise, and logs the choice. posttrain packs a micro-batch's sequences into one row whose position_ids
 restart at 0 for each sequence (`posttrain.data.batching.collate_packed`) and passes no attention mask:
 under flash_attention_2 transformers turns those position ids into the varlen kernel's cumulative sequence
-lengths (padding-free, no N x N mask); under sdpa it builds the block-diagonal mask from them.
+lengths (padding-free, no N x N mask). Other kernels (sdpa, eager) would attend through an N x N block-diagonal
+mask, so `decoder_hidden_states` lays such a row out as rows of its longest sequence first (`row_layout`).
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -45,3 +47,112 @@ def resolve_attn_implementation(requested: str) -> str:
     reason = "no CUDA GPU" if not gpu else "the flash_attn 2 package does not import"
     log.info("model.attn_implementation=auto: sdpa (%s)", reason)
     return "sdpa"
+
+
+# Kernels that take a packed row's sequence boundaries from position_ids and attend within each sequence
+# only (varlen): one long row costs them nothing extra.
+VARLEN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where the tokens of one packed row [1, N] go when it is laid out as rows [R, C] instead.
+
+    index [R, C]: the packed position each row slot reads (-1: padding); flat [N]: each packed position's slot in
+    the flattened [R * C] rows. capacity C is the longest sequence, so no sequence is split."""
+
+    index: torch.Tensor
+    flat: torch.Tensor
+
+    @property
+    def rows(self) -> int:
+        return self.index.shape[0]
+
+
+def sequence_lengths(position_ids: torch.Tensor) -> list[int]:
+    """Lengths of the sequences packed in one row [N] of position ids: a sequence starts wherever the position
+    does not continue the previous one (the rule transformers applies to build its block mask)."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[1:] = position_ids[1:] != position_ids[:-1] + 1
+    bounds = torch.nonzero(starts).flatten().tolist() + [position_ids.numel()]
+    return [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+
+
+def layer_cost(tokens: int, attended: int, hidden_size: int) -> int:
+    """Forward FLOPs of one decoder layer over `tokens` tokens that each attend to `attended` positions, in units
+    of 4 x hidden: ~24 h^2 per token in the projections and MLP, 4 h per attended position (QK^T and AV; a
+    masked kernel computes the whole row, masked or not)."""
+    return tokens * (6 * hidden_size + attended)
+
+
+def row_layout(position_ids: torch.Tensor, hidden_size: int) -> RowLayout | None:
+    """First-fit-decreasing layout of the sequences of a packed row `position_ids` [1, N] into rows of capacity
+    C = the longest sequence; None when it would not cost less (`layer_cost`: N x N attention in one row
+    against R x C x C in rows, plus the rows' padding in every projection).
+
+    Why: without a varlen kernel (sdpa, eager), transformers attends a packed row through an N x N block-diagonal
+    mask, so attention costs N^2 however short the sequences are; in rows of C it costs at most N * C, and the
+    padding is the slack first-fit-decreasing leaves (a few percent on mixed lengths)."""
+    lengths = sequence_lengths(position_ids[0])
+    capacity, total = max(lengths), position_ids.shape[1]
+    if len(lengths) < 2:
+        return None
+    starts = [0]
+    for length in lengths[:-1]:
+        starts.append(starts[-1] + length)
+    rows: list[list[int]] = []  # sequence ids per row
+    room: list[int] = []
+    for sequence in sorted(range(len(lengths)), key=lambda s: -lengths[s]):
+        row = next((r for r, free in enumerate(room) if free >= lengths[sequence]), None)
+        if row is None:
+            rows.append([])
+            room.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(sequence)
+        room[row] -= lengths[sequence]
+    if layer_cost(len(rows) * capacity, capacity, hidden_size) >= layer_cost(total, total, hidden_size):
+        return None
+    index = torch.full((len(rows), capacity), -1, dtype=torch.long)
+    for row, sequences in enumerate(rows):
+        slots = torch.cat([torch.arange(starts[s], starts[s] + lengths[s]) for s in sequences])
+        index[row, : slots.numel()] = slots
+    flat = torch.empty(total, dtype=torch.long)
+    real = index.flatten() >= 0
+    flat[index.flatten()[real]] = torch.nonzero(real).flatten()
+    return RowLayout(index, flat)
+
+
+def to_rows(layout: RowLayout, input_ids: torch.Tensor, position_ids: torch.Tensor):
+    """(input_ids, position_ids) [R, C] of the laid-out rows. A row's padding tail takes token 0 and positions
+    restarting at 0: a sequence of its own, which causal attention keeps out of every real token's view."""
+    real = layout.index >= 0
+    slots = layout.index.clamp(min=0)
+    ids = torch.where(real, input_ids[0][slots], torch.zeros_like(slots))
+    pad_positions = (~real).long().cumsum(-1) - 1
+    positions = torch.where(real, position_ids[0][slots], pad_positions)
+    return ids, positions
+
+
+def decoder_hidden_states(decoder, input_ids, position_ids=None, attention_mask=None) -> torch.Tensor:
+    """The decoder's final hidden states [B, T, H] for `input_ids` [B, T]. A packed row ([1, N], restarting
+    position_ids, no mask) under a kernel without varlen support runs as rows of its longest sequence
+    (`row_layout`); the states come back in packed order, so the caller cannot tell."""
+    layout = None
+    implementation = getattr(decoder.config, "_attn_implementation", None)
+    if (
+        attention_mask is None
+        and position_ids is not None
+        and input_ids.shape[0] == 1
+        and implementation not in VARLEN_IMPLEMENTATIONS
+    ):
+        layout = row_layout(position_ids.cpu(), getattr(decoder.config, "hidden_size", 0))
+    if layout is None:
+        # use_cache=False is load-bearing: transformers builds the block-diagonal mask of packed rows from
+        # restarting position_ids only when there is no KV cache.
+        output = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)
+        return output.last_hidden_state
+    device = input_ids.device
+    layout = RowLayout(layout.index.to(device), layout.flat.to(device))
+    ids, positions = to_rows(layout, input_ids, position_ids)
+    hidden = decoder(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, layout.flat).unsqueeze(0)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from posttrain.data.chat import IGNORE_INDEX
+from posttrain.models.attention import decoder_hidden_states
 from posttrain.ops import linear_logprobs
 
 
@@ -40,10 +41,7 @@ class CausalLMWithLogprobs(nn.Module):
     def hidden_states(self, input_ids, position_ids=None, attention_mask=None) -> torch.Tensor:
         """Final (normed) hidden states [B, T, H] of the decoder."""
         decoder = base_causal_lm(self.policy).get_decoder()
-        # use_cache=False is load-bearing: transformers builds the block-diagonal mask of packed rows
-        # from restarting position_ids only when there is no KV cache.
-        output = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)
-        return output.last_hidden_state
+        return decoder_hidden_states(decoder, input_ids, position_ids, attention_mask)
 
     def forward(
         self, input_ids, targets, position_ids=None, attention_mask=None, temperature: float = 1.0, head_fn=None

@@ -40,7 +40,7 @@ from posttrain.data.chat import render_ids
 from posttrain.data.preference import PreferenceExample, collate_pairs, tokenize_response
 from posttrain.errors import ConfigError
 from posttrain.losses.preference import gpm_score, gpm_score_matrix
-from posttrain.models.attention import resolve_attn_implementation
+from posttrain.models.attention import decoder_hidden_states, resolve_attn_implementation
 from posttrain.models.loading import tiny_llama_config, torch_dtype
 from posttrain.models.logprob_model import base_causal_lm
 
@@ -99,10 +99,8 @@ class RewardModel(nn.Module):
         """Head outputs at flat token indices `last_index` ([n], into the flattened [B * T] token axis;
         the gate reads `prompt_index`). Packed rows ([1, N] with restarting position_ids) or padded [B, T]."""
         classifier = self.sequence_classifier
-        output = classifier.base_model(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
-        )
-        hidden = output.last_hidden_state.reshape(-1, output.last_hidden_state.shape[-1])
+        hidden = decoder_hidden_states(classifier.base_model, input_ids, position_ids, attention_mask)
+        hidden = hidden.reshape(-1, hidden.shape[-1])
         values = classifier.score(hidden[last_index]).float()
         if self.head_config.head == "gpm" and self.head_config.normalize:
             values = F.normalize(values, dim=-1)
