@@ -80,7 +80,8 @@ def run_posttrain(workdir: Path, args) -> dict:
 
     from posttrain.cli import CONF_DIR
     from posttrain.config import register_configs
-    from posttrain.trainers import dpo
+    from posttrain.trainers import get_algorithm
+    from posttrain.training import start_run
 
     register_configs()
     overrides = [
@@ -103,13 +104,14 @@ def run_posttrain(workdir: Path, args) -> dict:
     with initialize_config_dir(str(CONF_DIR), version_base=None):
         cfg = compose("config", overrides=overrides)
     started = time.perf_counter()
-    run = dpo.setup(cfg)
+    algorithm = get_algorithm("dpo")
+    trainer = algorithm.entry(start_run(cfg, algorithm))
     setup_seconds = time.perf_counter() - started
     times = []
     reset_peak()
     for step in range(args.steps):
         started = time.perf_counter()
-        dpo.train_step(run, step)
+        trainer.train_step(step)
         times.append(time.perf_counter() - started)
     return {"step_seconds": times, "peak_rss_mb": rss_mb("VmHWM"), "setup_seconds": setup_seconds}
 
