@@ -7,7 +7,7 @@
 Set-up (shared, in --workdir): a Llama model built from config (--hidden, --layers, --vocab; seed 0) saved
 as a Hugging Face directory both frameworks load, a locally trained tokenizer with posttrain's chat template,
 and synthetic preference pairs: column-addition arithmetic with --min-digits..--max-digits-digit operands
-(evenly spread), each digit one line of column work, so the default 10-50 digits give sequences of ~128-512
+(evenly spread), each digit one line of column work, so the default 8-34 digits give sequences of ~130-510
 tokens (the set-up prints the min / median / max). Both train the sigmoid DPO loss (beta 0.1), AdamW lr 1e-5,
 --pairs pairs per step (16), fp32, no gradient checkpointing, the same torch thread count.
 
@@ -43,7 +43,7 @@ from protocol import compare, format_comparisons, protocol_summary, run_rounds, 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("posttrain", "trl", "trl_precompute")
-MIN_DIGITS, MAX_DIGITS = 10, 50  # operand digits: sequences of ~128-512 tokens (printed by prepare)
+MIN_DIGITS, MAX_DIGITS = 8, 34  # operand digits: sequences of ~130-510 tokens (printed by prepare)
 
 
 def preference_rows(count: int, min_digits: int, max_digits: int) -> list[dict]:

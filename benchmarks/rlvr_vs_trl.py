@@ -110,7 +110,7 @@ def build_inputs(workdir: Path, args) -> dict:
     from posttrain.models.tokenizer import SPECIAL_TOKENS
 
     tokenizer = arithmetic_tokenizer()
-    model = save_tiny_llama(workdir / "model", tokenizer, SMOKE if args.smoke else FULL, SEED)
+    model = save_tiny_llama(workdir / "model", tokenizer, SMOKE if args.smoke or args.small_model else FULL, SEED)
     total_steps = args.warmup + args.steps
     rows = generate_task("arithmetic", "train", args.prompts * total_steps, seed=SEED)
     with (workdir / "prompts.jsonl").open("w") as handle:
@@ -539,6 +539,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="2-layer hidden-128 model, 2 prompts x 4 samples x 16 tokens, 2 steps, "
         "no trl-vllm (its engine compiles for ~30 s)",
+    )
+    parser.add_argument(
+        "--small-model", action="store_true", help="the smoke run's 2-layer hidden-128 model at any other size"
     )
     parser.add_argument("--child", choices=list(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
