@@ -287,7 +287,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--pairs", type=int, default=16, help="pairs per optimizer step")
-    parser.add_argument("--num-pairs", type=int, default=128, help="pairs in the data set")
+    parser.add_argument("--num-pairs", type=int, help="pairs in the data set (default: --pairs x --steps)")
     parser.add_argument(
         "--min-digits", type=int, default=MIN_DIGITS, help="shortest operands (sets the shortest sequence)"
     )
@@ -309,8 +309,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.smoke:
-        args.hidden, args.layers, args.vocab, args.pairs, args.num_pairs = 128, 2, 1024, 4, 16
+        args.hidden, args.layers, args.vocab, args.pairs = 128, 2, 1024, 4
         args.min_digits, args.max_digits, args.steps, args.warmup, args.rounds = 4, 8, 2, 1, 1
+    args.num_pairs = args.num_pairs or args.pairs * args.steps  # what the steps read: the reference cache covers it
     unknown = [method for method in args.methods.split(",") if method not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")

