@@ -18,8 +18,9 @@ Set-up, shared by every side (built once per invocation in a temporary directory
 Sides (each in its own subprocess, --threads torch threads, micro-batch --batch-size x accumulation 1,
 AdamW (torch.optim.AdamW, for-loop implementation on both sides), same lr schedule, clipping 1.0, fp32,
 no gradient checkpointing, assistant-only loss):
-- posttrain            our real trainer (`setup` + `train` of posttrain.trainers.sft, composed from conf/ like the
-                       CLI): packed (padding-free) micro-batches, fused log-prob kernel
+- posttrain            our real trainer (the registered SFT class built by `start_run` + `entry`, config composed
+                       from conf/ like the CLI, `train_step` called step by step as `run_loop` does; no eval,
+                       checkpoint or export): packed (padding-free) micro-batches, fused log-prob kernel
 - posttrain-unfused    the same with model.fused_logprobs=false (PyTorch reference: full [N, V] logits)
 - posttrain-padded     the same with data.packing=false (right-padded to the longest sequence)
 - trl                  TRL's SFTTrainer with its defaults for this data: padded to the longest sequence

@@ -1,11 +1,15 @@
 """benchmarks/protocol.py: rotation, per-round ratios with their spread, the load warning."""
 
-import sys
+import importlib.util
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-import protocol  # noqa: E402
+# Loaded from its file: putting benchmarks/ on sys.path would expose its scripts (rollout.py, common.py, ...) as
+# top-level modules to every test after this one.
+_spec = importlib.util.spec_from_file_location(
+    "benchmarks_protocol", Path(__file__).resolve().parents[2] / "benchmarks" / "protocol.py"
+)
+protocol = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(protocol)
 
 
 def test_rotation_runs_every_side_once_per_round_and_starts_each_round_elsewhere():
