@@ -174,12 +174,11 @@ def rollout_reward_metrics(rewards, kept_groups: float, counts: dict[str, int], 
 
 def verified_fraction(rollout, prompts: Sequence, sampling, timeout_s: float) -> float:
     """Fraction of completions (all ranks) of the held-out `prompts` (PromptRows; each rank takes every
-    world_size-th from its rank on) under `sampling` that verify, through the rollout service."""
+    world_size-th from its rank on) under `sampling` that verify, through the rollout service. A collective:
+    every rank calls it and generates, also one with no prompts (its rollout group's engine needs every rank)."""
     mine = list(prompts)[rank() :: world_size()]
-    correct, samples = 0.0, 0.0
-    if mine:
-        completions = rollout.generate([p.prompt for p in mine], sampling)
-        rewards, _ = score_completions(mine, completions, 1.0, 0.0, timeout_s)
-        correct, samples = float(sum(r >= 1.0 for r in rewards)), float(len(completions))
+    completions = rollout.generate([p.prompt for p in mine], sampling)
+    rewards, _ = score_completions(mine, completions, 1.0, 0.0, timeout_s)
+    correct, samples = float(sum(r >= 1.0 for r in rewards)), float(len(completions))
     total_correct, total = all_reduce_sum([correct, samples])
     return total_correct / max(total, 1.0)

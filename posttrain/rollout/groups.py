@@ -3,9 +3,11 @@
 Each group runs one engine spread over its ranks (vLLM's external_launcher executor: SPMD, every rank of
 the group calls generate with the same requests; vLLM builds its tensor-parallel groups from consecutive
 ranks the same way). Groups are data parallel: each trainer rank asks for its own prompts, the group
-gathers its ranks' prompts, every rank of the group runs the same generate over all of them, and each
-rank keeps the completions of its own prompts. A weight sync streams full (gathered) tensors on every
-rank; each engine rank's `load_weights` keeps only its tensor-parallel shard of each.
+gathers its ranks' prompts (and sampling), every rank of the group runs the same engine calls over all of
+them (`group_generates`), and each rank keeps the completions of its own prompts. A rank with no prompts still
+joins (SPMD: every rank must make the same calls), so callers generate on every rank, never behind `if prompts`.
+A weight sync streams full (gathered) tensors on every rank; each engine rank's `load_weights` keeps only its
+tensor-parallel shard of each.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 
 from posttrain.errors import ConfigError
 from posttrain.rollout.completion import Completion
+from posttrain.rollout.config import SamplingConfig
 
 
 def tensor_parallel_groups(world: int, group_size: int) -> list[list[int]]:
@@ -34,14 +37,55 @@ class RolloutGroup:
     index: int  # which group (0 .. W / T - 1)
     process_group: object
 
-    def gather(self, prompt_ids: list[list[int]]) -> tuple[list[list[int]], int]:
-        """Every member's prompts, concatenated in rank order, and where this rank's start in that list."""
+    def gather(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> tuple[list[MemberRequest], int]:
+        """Every member's request (its prompts, possibly none, and its sampling) in rank order, and this rank's
+        position among them. A collective over the group: every member calls it, also with no prompts."""
         import torch.distributed as dist
 
         gathered: list = [None] * len(self.ranks)
-        dist.all_gather_object(gathered, prompt_ids, group=self.process_group)
-        position = self.ranks.index(dist.get_rank())
-        return [ids for member in gathered for ids in member], sum(len(member) for member in gathered[:position])
+        dist.all_gather_object(gathered, (prompt_ids, sampling), group=self.process_group)
+        return [MemberRequest(list(ids), member_sampling) for ids, member_sampling in gathered], self.ranks.index(
+            dist.get_rank()
+        )
+
+
+@dataclass
+class MemberRequest:
+    """What one member of a rollout group asked for."""
+
+    prompt_ids: list[list[int]]
+    sampling: SamplingConfig
+
+
+@dataclass
+class GroupGenerate:
+    """One engine call a rollout group makes: the prompts of `members` (positions in the group) concatenated in
+    rank order under one sampling."""
+
+    members: list[int]
+    prompt_ids: list[list[int]]
+    sampling: SamplingConfig
+
+    def start_of(self, member: int, requests: list[MemberRequest]) -> int:
+        """Where `member`'s prompts start in this call's prompt list."""
+        return sum(len(requests[m].prompt_ids) for m in self.members if m < member)
+
+
+def group_generates(requests: list[MemberRequest]) -> list[GroupGenerate]:
+    """The engine calls that answer a group's gathered requests, the same list on every member (SPMD).
+
+    One call over all prompts when every member asked with the same sampling and the position of a prompt in
+    the call does not matter (greedy, or no seed); else one call per member with prompts, so that a seeded
+    sample of prompt i (seed + i * n + j) is the one that member would draw alone. No prompts at all: no call.
+    """
+    asking = [m for m, request in enumerate(requests) if request.prompt_ids]
+    if not asking:
+        return []
+    first = requests[asking[0]].sampling
+    same = all(requests[m].sampling == first for m in asking)
+    if same and (first.seed is None or first.temperature == 0):
+        return [GroupGenerate(asking, [ids for m in asking for ids in requests[m].prompt_ids], first)]
+    return [GroupGenerate([m], requests[m].prompt_ids, requests[m].sampling) for m in asking]
 
 
 def own_completions(completions: list[Completion], start: int, count: int) -> list[Completion]:

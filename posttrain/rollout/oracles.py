@@ -106,8 +106,8 @@ class VersusInitial:
         from posttrain.rollout.samples import grouped_completions
 
         totals = [0.0, 0.0, 0.0]  # score sum, win-rate sum, samples
+        groups = grouped_completions(rollout, self.prompts, self.request(10_000 + step))  # also with no prompts
         if self.prompts:
-            groups = grouped_completions(rollout, self.prompts, self.request(10_000 + step))
             score, win_rate = self.scorer.versus(self.prompts, [[c.text for c in g] for g in groups], self.initial)
             totals = [float(score.sum()), float(win_rate.sum()), float(score.numel())]
         score, wins, samples = all_reduce_sum(totals)

@@ -24,7 +24,9 @@ def completion_example(completion: Completion) -> TokenizedExample:
 
 
 def grouped_completions(rollout: RolloutService, prompts: Sequence, sampling: SamplingConfig) -> list[list[Completion]]:
-    """Completions per prompt: P lists of `sampling.n` completions, in prompt order."""
+    """Completions per prompt: P lists of `sampling.n` completions, in prompt order (P may be 0).
+
+    Every rank calls it, also with no prompts: in a rollout group that rank still joins the group's generate."""
     groups: list[list[Completion]] = [[] for _ in prompts]
     for completion in rollout.generate(prompts, sampling):
         groups[completion.prompt_index].append(completion)
@@ -114,7 +116,7 @@ def load_or_draw_samples(
         return [json.loads(line)["responses"] for line in path.read_text().splitlines() if line.strip()]
     if resumed:
         raise ConfigError(f"{path} is missing: a resumed run compares against the samples saved there")
-    groups = grouped_completions(rollout, list(prompts), sampling) if prompts else []
+    groups = grouped_completions(rollout, list(prompts), sampling)  # also with none: the group generates
     samples = [[completion.text for completion in group] for group in groups]
     staging = path.with_suffix(".tmp")
     staging.write_text("".join(json.dumps({"prompt": p, "responses": r}) + "\n" for p, r in zip(prompts, samples)))

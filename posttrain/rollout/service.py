@@ -40,7 +40,7 @@ from posttrain.rollout.config import (
     RolloutConfig,
     SamplingConfig,
 )
-from posttrain.rollout.groups import RolloutGroup, build_rollout_group, own_completions
+from posttrain.rollout.groups import RolloutGroup, build_rollout_group, group_generates, own_completions
 from posttrain.rollout.prompts import Prompt, prepare_prompts
 from posttrain.rollout.weights import NamedTensors, is_lora, lora_adapter_state, policy_weights, unwrap_policy
 
@@ -148,10 +148,13 @@ class RolloutService:
         prompt, exactly as trainers render them) or token id lists. A prompt that leaves no room for
         `max_tokens` in `max_model_len` raises a DataError naming it, or is left-truncated
         (rollout.prompt_truncation=left).
+
+        A collective within the rollout group under torchrun with tensor_parallel_size > 1: every rank calls it
+        the same number of times, also with no prompts (it returns []), or the group's engine hangs.
         """
         sampling = as_sampling_config(sampling)
-        if self.group is not None and not isinstance(prompts, (str, dict)) and not len(prompts):
-            prompt_ids = []  # a group member with nothing to ask still joins its group's generate
+        if not isinstance(prompts, (str, dict)) and not len(prompts):
+            prompt_ids = []  # nothing to ask: a group member still joins its group's generate (below)
         else:
             prompt_ids = prepare_prompts(
                 self.tokenizer, prompts, sampling.max_tokens, self.max_model_len, self.cfg.prompt_truncation
@@ -163,13 +166,19 @@ class RolloutService:
             )
         self.wake_up()
         if self.group is None:
-            return self.backend.generate(prompt_ids, sampling)
+            return self.backend.generate(prompt_ids, sampling) if prompt_ids else []
         # One engine per group (SPMD): every member generates for the whole group's prompts, keeps its own.
-        # Every member must call generate together, also with no prompts of its own (an empty list is allowed).
-        group_prompt_ids, start = self.group.gather(prompt_ids)
-        if not group_prompt_ids:
-            return []
-        return own_completions(self.backend.generate(group_prompt_ids, sampling), start, len(prompt_ids))
+        # Every member must call generate together, also with no prompts of its own (an empty list is allowed):
+        # callers under torchrun call it on every rank, never behind `if prompts`. A group with no prompts at all
+        # skips its engine on all its members alike; engines of different groups share no collective (vLLM's
+        # data_parallel_size stays 1, each group is its own engine).
+        requests, position = self.group.gather(prompt_ids, sampling)
+        own: list[Completion] = []
+        for call in group_generates(requests):  # the same calls, in the same order, on every member
+            completions = self.backend.generate(call.prompt_ids, call.sampling)
+            if position in call.members:
+                own = own_completions(completions, call.start_of(position, requests), len(prompt_ids))
+        return own
 
     def sync_weights(self, model: nn.Module) -> None:
         """Load `model`'s current weights into the engine and drop caches built on the old ones.

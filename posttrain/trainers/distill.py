@@ -136,7 +136,7 @@ class Distill:
         if self.stale:
             self.rollout.sync_weights(self.engine)
             self.stale = False
-        completions = self.rollout.generate(prompts, sampling) if prompts else []
+        completions = self.rollout.generate(prompts, sampling)  # also with no prompts: rollout groups need it
         return [completion_example(c) for c in completions if c.token_ids]
 
     def train_step(self, step: int) -> dict[str, float]:

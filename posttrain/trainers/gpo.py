@@ -229,9 +229,9 @@ class GPO:
         """Mean s(y > y0) and win rate sigma(s / tau) of fresh samples y of the current policy against the
         initial y0 (per sample: the mean over the prompt's y0), with the spread and the response length."""
         totals = [0.0] * 5  # score sum, score^2 sum, win-rate sum, samples, tokens
-        if self.eval_prompts:
-            prompts = [p.prompt for p in self.eval_prompts]
-            groups = grouped_completions(self.rollout, prompts, self.eval_request(10_000 + self.engine.global_steps))
+        prompts = [p.prompt for p in self.eval_prompts]  # every rank generates, also with none (rollout groups)
+        groups = grouped_completions(self.rollout, prompts, self.eval_request(10_000 + self.engine.global_steps))
+        if prompts:
             texts = [[c.text for c in group] for group in groups]
             per_sample, win_rate = self.scorer.versus(prompts, texts, self.initial_samples)
             totals = [

@@ -189,8 +189,8 @@ class OnlineDPO:
         """`eval_greedy_accuracy`: verified share of greedy answers to the held-out prompts (all ranks); with a
         reward-model oracle, `score_vs_initial` and `win_rate_vs_initial`."""
         correct, prompts = 0.0, self.eval_prompts
-        if prompts:
-            groups = grouped_completions(self.rollout, [p.prompt for p in prompts], greedy_eval_request(self.cfg.eval))
+        groups = grouped_completions(self.rollout, [p.prompt for p in prompts], greedy_eval_request(self.cfg.eval))
+        if prompts:  # every rank generated above, also with no prompts (its rollout group needs it)
             correct = float((VerifierOracle(self.cfg.algo.verifier_timeout_s).targets(prompts, groups) >= 1.0).sum())
         correct, count = all_reduce_sum([correct, float(len(self.eval_prompts))])
         result = {"eval_greedy_accuracy": correct / count} if count else {}
