@@ -4,6 +4,7 @@ with `model.sharded_init` on (partitioned while loading) and off (every rank loa
     python benchmarks/sharded_load.py                     # prepares the model once, then both runs
     python benchmarks/sharded_load.py --modes on          # one run
     python benchmarks/sharded_load.py --algo dpo_live     # DPO with a live (uncached) frozen reference too
+    python benchmarks/sharded_load.py --small-buckets     # DeepSpeed's ZeRO-3 buffers capped at 50M elements
 
 Set-up (in --workdir, once): a Llama built from config with random weights (seed 0; hidden 1024, 12 layers,
 16 heads, intermediate 4096, the arithmetic tokenizer's 512-token vocabulary: 202M parameters), saved in float32
@@ -29,6 +30,10 @@ memory-mapped safetensors file: shared with the page cache, dropped under memory
 peak of the two parts, so a thread polls them every 2 ms for the peaks of RssAnon and RssFile in each phase.
 A table per rank is printed and everything is written to --workdir/sharded_load-<algo>.json. One full fp32 copy
 of the model is 808 MB.
+
+--small-buckets sets, through `deepspeed.overrides`, reduce_bucket_size, stage3_prefetch_bucket_size and
+stage3_max_live_parameters to 5e7 elements (200 MB in fp32) and stage3_max_reuse_distance to 0 (DeepSpeed's
+defaults: a 5e8-element gradient bucket, 2 GB in fp32, and up to 1e9 gathered parameters kept live).
 """
 
 from __future__ import annotations
@@ -43,6 +48,11 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+SMALL_BUCKETS = (
+    "++deepspeed.overrides={zero_optimization:{stage:3,stage3_gather_16bit_weights_on_model_save:true,"
+    "reduce_bucket_size:50000000,stage3_prefetch_bucket_size:50000000,stage3_max_live_parameters:50000000,"
+    "stage3_max_reuse_distance:0}}"
+)
 SIZE = {"hidden_size": 1024, "num_layers": 12, "num_heads": 16, "num_kv_heads": 16, "intermediate_size": 4096}
 FIELDS = ("VmHWM", "VmRSS", "RssAnon", "RssFile")
 
@@ -80,6 +90,10 @@ class SplitPeaks:
         peaks, now = {"peak RssAnon": self.anon, "peak RssFile": self.file}, memory()
         self.anon, self.file = now["RssAnon"], now["RssFile"]
         return peaks
+
+
+def tag(algo: str, sharded_init: str, small_buckets: bool) -> str:
+    return f"{algo}-{sharded_init}{'-small_buckets' if small_buckets else ''}"
 
 
 def prepare(workdir: Path) -> Path:
@@ -140,8 +154,10 @@ def worker(args) -> None:
         "train.max_steps=1",
         "data.num_eval=0",
         "checkpoint.every=0",
-        f"run_dir={args.workdir / f'run-{args.algo}-{args.sharded_init}'}",
+        f"run_dir={args.workdir / f'run-{tag(args.algo, args.sharded_init, args.small_buckets)}'}",
     ]
+    if args.small_buckets:
+        overrides.append(SMALL_BUCKETS)
     if args.algo == "sft":
         overrides += ["data.num_train=64"]
     else:
@@ -152,7 +168,7 @@ def worker(args) -> None:
     trainer = algorithm.entry(start_run(cfg, algorithm))
     trainer.train_step(0)
     record("first step")
-    out = args.workdir / f"rank{os.environ['RANK']}-{args.algo}-{args.sharded_init}.json"
+    out = args.workdir / f"rank{os.environ['RANK']}-{tag(args.algo, args.sharded_init, args.small_buckets)}.json"
     out.write_text(json.dumps(phases))
 
 
@@ -162,13 +178,17 @@ def launch(args, sharded_init: bool) -> list[list[dict]]:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
         str(Path(__file__).resolve()), "--worker", "--workdir", str(args.workdir), "--algo", args.algo,
-        "--sharded-init", str(sharded_init).lower(),
+        "--sharded-init", str(sharded_init).lower(), *(["--small-buckets"] if args.small_buckets else []),
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"torchrun failed (sharded_init={sharded_init}):\n{result.stderr[-4000:]}")
     return [
-        json.loads((args.workdir / f"rank{rank}-{args.algo}-{str(sharded_init).lower()}.json").read_text())
+        json.loads(
+            (
+                args.workdir / f"rank{rank}-{tag(args.algo, str(sharded_init).lower(), args.small_buckets)}.json"
+            ).read_text()
+        )
         for rank in range(2)
     ]
 
@@ -194,6 +214,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/posttrain-sharded-load"))
     parser.add_argument("--modes", nargs="+", choices=("on", "off"), default=["on", "off"])
     parser.add_argument("--algo", choices=("sft", "dpo_live"), default="sft")
+    parser.add_argument("--small-buckets", action="store_true", help="cap DeepSpeed's ZeRO-3 buffers (see above)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--sharded-init", default="true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -204,11 +225,13 @@ def main() -> None:
     prepare(args.workdir)
     results = {mode: launch(args, mode == "on") for mode in args.modes}
     print(
-        f"algo={args.algo}, ZeRO-3, 2 CPU ranks, fp32 model of 808 MB, memory in MB; load average "
+        f"algo={args.algo}, small_buckets={args.small_buckets}, ZeRO-3, 2 CPU ranks, fp32 model of 808 MB, "
+        f"memory in MB; load average "
         f"{os.getloadavg()[0]:.1f}"
     )
     print(table(results))
-    (args.workdir / f"sharded_load-{args.algo}.json").write_text(json.dumps(results, indent=1))
+    name = f"sharded_load-{args.algo}{'-small_buckets' if args.small_buckets else ''}.json"
+    (args.workdir / name).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
