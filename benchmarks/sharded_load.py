@@ -5,6 +5,7 @@ with `model.sharded_init` on (partitioned while loading) and off (every rank loa
     python benchmarks/sharded_load.py --modes on          # one run
     python benchmarks/sharded_load.py --algo dpo_live     # DPO with a live (uncached) frozen reference too
     python benchmarks/sharded_load.py --small-buckets     # DeepSpeed's ZeRO-3 buffers capped at 50M elements
+    python benchmarks/sharded_load.py --trim-phases --workdir DIR  # "after": once freed heap is handed back
 
 Set-up (in --workdir, once): a Llama built from config with random weights (seed 0; hidden 1024, 12 layers,
 16 heads, intermediate 4096, the arithmetic tokenizer's 512-token vocabulary: 202M parameters), saved in float32
@@ -115,6 +116,13 @@ def worker(args) -> None:
     split_peaks = SplitPeaks()
 
     def record(phase: str) -> None:
+        if args.trim_phases:
+            from posttrain.models.loading import release_free_heap
+
+            peaks = {"VmHWM": memory()["VmHWM"], **split_peaks.take()}
+            release_free_heap()
+            phases.append({"phase": phase, "seconds": time.perf_counter() - started, **memory(), **peaks})
+            return reset_peak()
         phases.append({"phase": phase, "seconds": time.perf_counter() - started, **memory(), **split_peaks.take()})
         reset_peak()
 
@@ -179,6 +187,7 @@ def launch(args, sharded_init: bool) -> list[list[dict]]:
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
         str(Path(__file__).resolve()), "--worker", "--workdir", str(args.workdir), "--algo", args.algo,
         "--sharded-init", str(sharded_init).lower(), *(["--small-buckets"] if args.small_buckets else []),
+        *(["--trim-phases"] if args.trim_phases else []),
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode != 0:
@@ -215,6 +224,9 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=("on", "off"), default=["on", "off"])
     parser.add_argument("--algo", choices=("sft", "dpo_live"), default="sft")
     parser.add_argument("--small-buckets", action="store_true", help="cap DeepSpeed's ZeRO-3 buffers (see above)")
+    parser.add_argument(
+        "--trim-phases", action="store_true", help="read 'after' once malloc_trim(0) handed freed heap back"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--sharded-init", default="true", help=argparse.SUPPRESS)
     args = parser.parse_args()
