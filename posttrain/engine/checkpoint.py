@@ -1,10 +1,10 @@
 """Atomic, verified checkpoints: `checkpoints/step_<N>/` appears only once complete, and resume checks it first.
 
 A checkpoint is written into `checkpoints/.tmp-step_<N>/` by every rank (DeepSpeed model / optimizer /
-scheduler shards, each rank's RNG state as JSON), rank 0's trainer state and whatever the trainer adds (a refreshed
-reference's weights: `write_extra`); after a barrier rank 0 writes
-`manifest.json` (every file and its size) last, flushes the directory to disk and renames it into place (rename
-is atomic on POSIX), then prunes to the newest `keep_last`. A save that fails (a full disk) removes its staging
+scheduler shards, each rank's RNG state as JSON), rank 0's trainer state and the trainer's own files (RLVR's
+refreshed reference: `write_extra`); after a barrier rank 0 writes `manifest.json` (every file and its size)
+last, flushes the directory to disk and renames it into place (rename is atomic on POSIX), then prunes to the
+newest `keep_last`. A save that fails (a full disk) removes its staging
 directory and leaves the older checkpoints as they were.
 
 Nothing is unpickled with arbitrary globals: the RNG state is JSON, and DeepSpeed's shards are read with
