@@ -57,6 +57,9 @@ class Trainer(Protocol):
 
     def export(self, out_dir: Path) -> None: ...
 
+    # Optional: `save_extra(directory)` adds the trainer's own files to each checkpoint (on every rank, collective);
+    # the trainer restores them itself on resume (run.checkpoint). RLVR keeps a refreshed reference there.
+
 
 @dataclass
 class Run:
@@ -230,7 +233,8 @@ def crossed(done: int, steps: int, period: int) -> bool:
 
 def save(run: Run, trainer: Trainer, step: int) -> None:
     state = {"algo": run.algorithm.name, "total_steps": trainer.total_steps}
-    save_checkpoint(trainer.engine, run.run_dir, step, state, run.cfg.checkpoint.keep_last)
+    extra = getattr(trainer, "save_extra", None)
+    save_checkpoint(trainer.engine, run.run_dir, step, state, run.cfg.checkpoint.keep_last, write_extra=extra)
 
 
 def run_loop(run: Run, trainer: Trainer) -> None:

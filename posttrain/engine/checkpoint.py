@@ -1,9 +1,10 @@
 """Atomic, verified checkpoints: `checkpoints/step_<N>/` appears only once complete, and resume checks it first.
 
 A checkpoint is written into `checkpoints/.tmp-step_<N>/` by every rank (DeepSpeed model / optimizer /
-scheduler shards, each rank's RNG state as JSON) and rank 0's trainer state; after a barrier rank 0 writes
-`manifest.json` (every file and its size) last, flushes the directory to disk and renames it into place (rename
-is atomic on POSIX), then prunes to the newest `keep_last`. A save that fails (a full disk) removes its staging
+scheduler shards, each rank's RNG state as JSON), rank 0's trainer state and the trainer's own files (RLVR's
+refreshed reference: `write_extra`); after a barrier rank 0 writes `manifest.json` (every file and its size)
+last, flushes the directory to disk and renames it into place (rename is atomic on POSIX), then prunes to the
+newest `keep_last`. A save that fails (a full disk) removes its staging
 directory and leaves the older checkpoints as they were.
 
 Nothing is unpickled with arbitrary globals: the RNG state is JSON, and DeepSpeed's shards are read with
@@ -26,6 +27,7 @@ import pickle
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -138,16 +140,27 @@ def remove_staging_dirs(run_dir: Path) -> None:
                 shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _write_staging(engine, staging: Path, step: int, trainer_state: dict[str, Any]) -> None:
+def _write_staging(engine, staging: Path, step: int, trainer_state: dict[str, Any], write_extra) -> None:
     engine.save_checkpoint(str(staging), tag="engine", save_latest=False)
+    if write_extra is not None:
+        write_extra(staging)
     (staging / rng_file(rank())).write_text(json.dumps(rng_state()))
     if is_main_process():
         (staging / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
 
 
-def save_checkpoint(engine, run_dir: Path, step: int, trainer_state: dict[str, Any], keep_last: int) -> Path:
-    """Write checkpoint `step` atomically on all ranks; returns its final path. A full disk raises
-    DiskFullError (one line) after removing the staging directory; older checkpoints are untouched."""
+def save_checkpoint(
+    engine,
+    run_dir: Path,
+    step: int,
+    trainer_state: dict[str, Any],
+    keep_last: int,
+    write_extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write checkpoint `step` atomically on all ranks; returns its final path. `write_extra(directory)`, called
+    on every rank after the engine's shards, adds files of the trainer's own (covered by the manifest like the
+    rest). A full disk raises DiskFullError (one line) after removing the staging directory; older checkpoints
+    are untouched."""
     root = checkpoint_root(run_dir)
     final = root / f"step_{step}"
     staging = root / f".tmp-step_{step}"
@@ -156,7 +169,7 @@ def save_checkpoint(engine, run_dir: Path, step: int, trainer_state: dict[str, A
             shutil.rmtree(staging, ignore_errors=True)  # a save killed earlier left this behind
             staging.mkdir(parents=True)
         barrier()
-        _write_staging(engine, staging, step, trainer_state)
+        _write_staging(engine, staging, step, trainer_state, write_extra)
         barrier()
         if is_main_process():
             manifest = {"step": step, "files": file_sizes(staging)}

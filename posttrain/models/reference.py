@@ -14,6 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from posttrain.engine.backend import zero3_load_config
+from posttrain.engine.distributed import is_main_process
 from posttrain.engine.export import gathered_parameters, hf_state_dict
 from posttrain.engine.reference import (
     ReferenceLogprobs,
@@ -105,16 +106,49 @@ def build_pair_reference(cfg, tokenizer, splits: dict[str, list]) -> PairReferen
     return reference
 
 
+REFERENCE_WEIGHTS = "reference.safetensors"  # in a checkpoint: the reference as last refreshed
+
+
 def refresh_reference(reference: torch.nn.Module, policy: torch.nn.Module, zero_stage: int) -> None:
-    """Copy the policy's current weights into the frozen reference (T1's "dynamic anchor"). Under ZeRO-3 both are
-    partitioned: the policy is gathered whole, rank 0 alone writes it into the gathered reference, and DeepSpeed
-    broadcasts and re-partitions it on exit (modifier_rank=0; writes under modifier_rank=None are discarded)."""
-    sharded = zero_stage == 3
-    state = hf_state_dict(policy, zero_stage, all_ranks=not sharded)
+    """Copy the policy's current weights into the frozen reference (T1's "dynamic anchor"). Collective: every
+    rank calls it. Under ZeRO-3 the policy is gathered whole and rank 0 alone writes it (`load_reference_weights`)."""
+    state = hf_state_dict(policy, zero_stage, all_ranks=zero_stage != 3)
+    load_reference_weights(reference, state, zero_stage)
+
+
+def load_reference_weights(reference: torch.nn.Module, state: dict[str, torch.Tensor] | None, zero_stage: int):
+    """Write transformers-named weights `state` into the frozen `reference` (a `frozen_model`). Collective. Under
+    ZeRO-3 rank 0's `state` is written into the gathered reference and DeepSpeed broadcasts and re-partitions it
+    on exit (modifier_rank=0; writes under modifier_rank=None are discarded), other ranks pass None; otherwise
+    every rank holds a whole copy and passes its `state`."""
     target = reference.module if hasattr(reference, "module") else reference
     with gathered_parameters(target.policy, zero_stage, modifier_rank=0):
-        if state is not None:  # rank 0 under ZeRO-3; every rank (each holds a whole copy) otherwise
+        if state is not None:
             target.policy.load_state_dict(state)
+
+
+def save_reference_weights(reference: torch.nn.Module, directory: Path, zero_stage: int) -> None:
+    """Write the frozen `reference`'s weights to `directory`/reference.safetensors (rank 0; collective)."""
+    from safetensors.torch import save_file
+
+    target = reference.module if hasattr(reference, "module") else reference
+    state = hf_state_dict(target.policy, zero_stage)
+    if state is not None:
+        save_file(state, str(Path(directory) / REFERENCE_WEIGHTS))
+
+
+def restore_reference_weights(reference: torch.nn.Module, checkpoint: Path, zero_stage: int) -> bool:
+    """Load the refreshed reference a checkpoint holds (`save_reference_weights`) into `reference`; False, and
+    nothing changed, when it holds none (no refresh had happened). Collective."""
+    file = Path(checkpoint) / REFERENCE_WEIGHTS
+    if not file.exists():
+        return False
+    from safetensors.torch import load_file
+
+    reads = zero_stage != 3 or is_main_process()  # under ZeRO-3 rank 0 alone writes (load_reference_weights)
+    load_reference_weights(reference, load_file(str(file)) if reads else None, zero_stage)
+    log.info("reference restored from %s (refreshed before the checkpoint)", file)
+    return True
 
 
 def reference_logprob_rows(reference, policy_engine, examples, prompt_lengths, micro_batch_size, temperature):

@@ -30,7 +30,12 @@ from posttrain.losses import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES
 from posttrain.losses.policy import AGGREGATIONS, IMPORTANCE_LEVELS, chunk_loss_weight
 from posttrain.losses.rollout_correction import MISMATCH_SUMS, corrected_policy_loss, mismatch_metrics
 from posttrain.models.logprobs import completion_logprob_rows, completion_logprobs, padded_rows
-from posttrain.models.reference import reference_logprob_rows, refresh_reference
+from posttrain.models.reference import (
+    reference_logprob_rows,
+    refresh_reference,
+    restore_reference_weights,
+    save_reference_weights,
+)
 from posttrain.rewards import VERIFIERS
 from posttrain.rewards.reward import rollout_reward_metrics, verified_fraction
 from posttrain.rollout.config import SamplingConfig
@@ -129,6 +134,10 @@ class RLVR:
         self.steps_per_update = cfg.algo.epochs_per_batch * cfg.algo.minibatches_per_epoch
         self.total_steps = total_optimizer_steps(self.plan, cfg.train, self.steps_per_update)
         self.engine = build_engine(run, module, self.total_steps)
+        self.reference_refreshed = False  # once refreshed, every checkpoint holds the reference's weights
+        if run.checkpoint is not None and self.reference is not None:
+            zero_stage = cfg.deepspeed.zero_stage
+            self.reference_refreshed = restore_reference_weights(self.reference, run.checkpoint, zero_stage)
         model_dir = rollout_model_dir(cfg, run.run_dir, self.engine.module.policy, self.tokenizer)
         self.rollout = build_rollout_service(cfg.rollout, model_dir, self.tokenizer, lora_rank(cfg))
         self.rollout.sync_weights(self.engine)  # the engine may hold older weights than the trainer (resume)
@@ -157,6 +166,7 @@ class RLVR:
             step + self.steps_per_update, self.steps_per_update, algo.reference_refresh_every
         ):
             refresh_reference(self.reference, self.engine.module.policy, self.cfg.deepspeed.zero_stage)
+            self.reference_refreshed = True
         train_seconds = time.perf_counter() - started
         return {
             **rollout_reward_metrics(groups.rewards, float(groups.kept_groups), groups.counts, algo.sampling.n),
@@ -242,6 +252,11 @@ class RLVR:
             sampled = verified_fraction(self.rollout, self.eval_prompts, sampled_eval_request(self.cfg.eval), timeout)
             result["eval_sampled_accuracy"] = result["eval_accuracy"] = sampled
         return result
+
+    def save_extra(self, directory: Path) -> None:
+        """A checkpoint holds the reference once it was refreshed (a resumed run must not restart from the original)."""
+        if self.reference_refreshed:
+            save_reference_weights(self.reference, directory, self.cfg.deepspeed.zero_stage)
 
     def export(self, out_dir: Path) -> None:
         export_hf(self.engine.module.policy, self.tokenizer, out_dir, self.cfg.deepspeed.zero_stage)

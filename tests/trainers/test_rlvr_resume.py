@@ -8,10 +8,12 @@ import subprocess
 import time
 
 import pytest
+import torch
 from helpers import cli_env, compose_config, posttrain_command, run_posttrain
 
 from posttrain import training
 from posttrain.logging import read_metrics
+from posttrain.models.loading import load_model
 from posttrain.rollout.config import SamplingConfig, sampling_for_step, step_seed
 from posttrain.training import run_algorithm
 
@@ -93,3 +95,36 @@ def test_rlvr_on_vllm_sigkilled_after_a_checkpoint_and_rerun_logs_the_uninterrup
     expected = curve(tmp_path / "whole")
     assert any(row["grad_norm"] > 0 for row in expected[2:])
     assert curve(run_dir) == expected
+
+
+def test_rlvr_resumed_after_a_reference_refresh_keeps_the_refreshed_reference(tmp_path, monkeypatch):
+    """A KL reference refreshed at step 2 (algo.reference_refresh_every=2), a crash after the step-2 checkpoint:
+    the rerun restores the refreshed reference from the checkpoint (not the original model), so step 3's KL
+    and the final reference match the uninterrupted run."""
+    args = [*ARGS, "train.max_steps=3", "algo.kl_beta=0.1", "algo.reference_refresh_every=2"]
+    trainers = []
+    original = training.save
+
+    def save_and_keep(run, trainer, step):
+        original(run, trainer, step)
+        trainers.append(trainer)
+        if run.run_dir.name == "crashed" and step == 2:
+            raise KeyboardInterrupt("killed after the step-2 checkpoint")
+
+    monkeypatch.setattr(training, "save", save_and_keep)
+    whole = run_algorithm(compose_config([f"run_dir={tmp_path / 'whole'}", *args]))
+    run_dir = tmp_path / "crashed"
+    with pytest.raises(KeyboardInterrupt):
+        run_algorithm(compose_config([f"run_dir={run_dir}", *args]))
+    assert (run_dir / "checkpoints" / "step_2" / "reference.safetensors").exists()
+    run_algorithm(compose_config([f"run_dir={run_dir}", *args]))
+    assert curve(run_dir) == curve(whole)
+    assert curve(whole)[2]["kl"] > 0  # step 3 reads the reference
+    whole_trainer, resumed_trainer = trainers[0], trainers[-1]
+    assert resumed_trainer is not whole_trainer and resumed_trainer.reference_refreshed
+    uninterrupted = whole_trainer.reference.policy.state_dict()
+    resumed = resumed_trainer.reference.policy.state_dict()
+    for name, tensor in uninterrupted.items():
+        assert torch.equal(resumed[name], tensor), name
+    initial = load_model(compose_config(args).model, resumed_trainer.tokenizer, seed=0).state_dict()
+    assert any(not torch.equal(initial[name], tensor) for name, tensor in uninterrupted.items())
