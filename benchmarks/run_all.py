@@ -52,8 +52,9 @@ SIZES = {
     "rlvr_vs_trl": {
         "full": ["--rounds", "3", "--steps", "4"],
         "reduced": [
-            "--rounds", "3", "--sides", "posttrain,trl,trl-vllm", "--small-model", "--prompts", "4",
-            "--samples", "8", "--max-tokens", "64", "--micro-batch", "16", "--steps", "2", "--warmup", "1",
+            # the full-size 27.6M model (a smaller one measures only per-step overhead), half the prompts
+            "--rounds", "3", "--sides", "posttrain,trl,trl-vllm", "--prompts", "4",
+            "--samples", "8", "--max-tokens", "128", "--micro-batch", "16", "--steps", "2", "--warmup", "1",
         ],
         "smoke": ["--smoke"],
     },
