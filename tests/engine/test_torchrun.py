@@ -135,32 +135,13 @@ def test_zero3_rlvr_with_groups_dropped_unevenly_matches_zero2(tmp_path):
         assert [m[key] for m in three if key in m] == pytest.approx([m[key] for m in two if key in m], abs=1e-4), key
 
 
-def test_zero3_token_budget_with_uneven_micro_batch_counts_matches_single_process(tmp_path, single_process_losses):
-    """SFT under ZeRO-3 on 2 ranks with train.max_tokens_per_micro_batch: the ranks' examples pack into different
-    numbers of micro-batches (checked below from the run's own tokenizer and data); the short rank's zero-weight
-    micro-steps keep the collectives matched, so the run finishes (a hang fails at the timeout) and its losses
-    are the single-process fixed-split ones."""
-    from omegaconf import OmegaConf
-
-    from posttrain.data.batching import StepPlan
-    from posttrain.data.loading import load_rows
-    from posttrain.data.sft import build_sft_examples
-    from posttrain.models.loading import load_tokenizer
-    from posttrain.training import step_micro_batches
-
+def test_zero3_token_budget_matches_single_process(tmp_path, single_process_losses):
+    """SFT under ZeRO-3 on 2 ranks with train.max_tokens_per_micro_batch (2 micro-batches a rank and step instead
+    of 1, the accumulation boundary set explicitly) finishes (a hang fails at the timeout) with the
+    single-process fixed-split losses. On this data both ranks pack into equally many micro-batches: uneven
+    counts (the zero-weight micro-steps) are not exercised here."""
     run_dir = tmp_path / "budget"
     budget = ["train.micro_batch_size=4", "train.max_tokens_per_micro_batch=160"]
     torchrun(f"run_dir={run_dir}", "deepspeed=zero3", *budget, *ARGS, timeout=600)
     losses = [m["loss"] for m in read_metrics(run_dir) if "loss" in m]
     assert losses == pytest.approx(single_process_losses, rel=1e-4)
-
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    tokenizer = load_tokenizer(cfg.model, None, run_dir / "tokenizer")
-    examples, _ = build_sft_examples(load_rows(cfg.data, "train"), tokenizer, cfg.data, "train")
-    plan = StepPlan(4, 1, 2, len(examples), cfg.seed)
-    counts = [
-        [len(step_micro_batches(plan.micro_batches(step, rank), lambda i: (len(examples[i].input_ids),), 160, False))
-         for rank in range(2)]
-        for step in range(6)
-    ]  # fmt: skip
-    assert any(a != b for a, b in counts), f"every step packed evenly, so nothing uneven was tested: {counts}"
