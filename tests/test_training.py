@@ -30,3 +30,26 @@ def test_step_micro_batches_without_a_budget_are_the_fixed_ones():
     # With one: the same items re-packed (sizes 10 each, budget 25: two a micro-batch, input order kept).
     assert step_micro_batches(fixed, lambda i: (10,), 25, padded=False) == [[3, 1], [0, 2]]
     assert step_micro_batches(fixed, lambda i: (10,), 35, padded=False) == [[3, 1, 0], [2]]
+
+
+def test_micro_steps_pad_a_short_rank_with_zero_weight_steps_and_set_one_boundary(monkeypatch):
+    """Another rank has 3 micro-batches, this one 2: the third micro-step re-runs this rank's first item with
+    weight 0, and DeepSpeed's accumulation boundary is true on the third (last) micro-step only."""
+    from posttrain import training
+
+    class BoundaryEngine:
+        def __init__(self):
+            self.boundaries = []
+
+        def set_gradient_accumulation_boundary(self, is_boundary):
+            self.boundaries.append(is_boundary)
+
+    monkeypatch.setattr(training, "all_reduce_max", lambda values: [max(values[0], 3.0)])
+    engine = BoundaryEngine()
+    steps = list(training.micro_steps(engine, [["a", "b"], ["c"]]))
+    assert steps == [(["a", "b"], 1.0), (["c"], 1.0), (["a"], 0.0)]
+    assert engine.boundaries == [False, False, True]
+    # A rank with no item at all gets (None, 0) each time: the trainer runs idle_micro_step.
+    engine = BoundaryEngine()
+    assert list(training.micro_steps(engine, [[], []])) == [(None, 0.0)] * 3
+    assert engine.boundaries == [False, False, True]
