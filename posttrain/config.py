@@ -131,6 +131,11 @@ class TrainConfig:
     max_steps: int = -1  # optimizer steps; -1 runs the epochs
     micro_batch_size: int = 8  # examples per micro-batch per rank (packed into one row when data.packing)
     gradient_accumulation_steps: int = 1
+    # Token budget of one forward: each rank's examples of an optimizer step (RL: its rollout sequences of the
+    # update) are packed into micro-batches of at most this many tokens (padded tokens count when data.packing
+    # is off; a pair's two sequences stay together) instead of the fixed micro_batch_size split. The loss is
+    # unchanged: each micro-batch weighs its share of the step's normaliser. null: fixed-size micro-batches.
+    max_tokens_per_micro_batch: int | None = None
     eval_every: int = 0  # optimizer steps between held-out evaluations (0: only at the start and the end)
     eval_at_start: bool = True  # evaluate before the first step (the baseline of every eval curve)
     # The number of ranks the batch settings were written for (a recipe's published effective batch is

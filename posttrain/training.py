@@ -18,21 +18,21 @@ from __future__ import annotations
 import logging
 import random
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from posttrain.data.batching import StepPlan
+from posttrain.data.batching import StepPlan, pack_token_budget
 from posttrain.data.loading import load_rows
 from posttrain.data.preference import PreferenceExample, build_preference_examples, preference_texts
 from posttrain.engine import backend
 from posttrain.engine.checkpoint import load_checkpoint, remove_staging_dirs, save_checkpoint
-from posttrain.engine.distributed import init_distributed, rank
+from posttrain.engine.distributed import all_reduce_max, init_distributed, rank
 from posttrain.errors import ConfigError
 from posttrain.logging import MetricsLogger
 from posttrain.models.loading import DTYPES, load_model, load_tokenizer
@@ -43,6 +43,7 @@ from posttrain.run_dir import lock_run_dir, resume_point, unlock_run_dir, write_
 
 log = logging.getLogger("posttrain")
 
+T = TypeVar("T")
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -120,6 +121,11 @@ def shared_config_problems(cfg) -> list[str]:
         ),
         f"data.on_bad_row={data.on_bad_row!r} must be one of error, skip": data.on_bad_row not in ("error", "skip"),
         f"data.max_length={data.max_length} must be >= 2": data.max_length < 2,
+        f"train.max_tokens_per_micro_batch={train.max_tokens_per_micro_batch} is below data.max_length="
+        f"{data.max_length}: an example would not fit one micro-batch; raise it, lower data.max_length, or set null "
+        "(fixed-size micro-batches)": (
+            train.max_tokens_per_micro_batch is not None and train.max_tokens_per_micro_batch < data.max_length
+        ),
         f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} must be 0, 1, 2 or 3": cfg.deepspeed.zero_stage
         not in range(4),
         f"model.dtype={cfg.model.dtype!r} must be one of {', '.join(DTYPES)}": cfg.model.dtype not in DTYPES,
@@ -204,6 +210,37 @@ def idle_micro_step(engine, token_id: int, max_grad_norm: float) -> None:
     logprobs, entropy, _ = completion_logprobs(engine, [idle_example(token_id)], [1])
     engine.backward((logprobs.sum() + entropy.sum()) * 0.0, scale_wrt_gas=False)
     backend.step(engine, max_grad_norm)
+
+
+def step_micro_batches(
+    fixed: list[list[T]], sizes: Callable[[T], Sequence[int]], max_tokens: int | None, padded: bool
+) -> list[list[T]]:
+    """This rank's micro-batches of one optimizer step: `fixed` (train.micro_batch_size or
+    train.gradient_accumulation_steps ones) when `max_tokens` (train.max_tokens_per_micro_batch) is None; else
+    all of `fixed`'s items re-packed into micro-batches of at most `max_tokens` tokens (`pack_token_budget`;
+    `sizes(item)`: the sequence lengths the item puts in a forward; `padded`: forwards pad to the longest).
+    The count may then differ between ranks and steps: run them through `micro_steps`."""
+    if max_tokens is None:
+        return fixed
+    items = [item for micro_batch in fixed for item in micro_batch]
+    return pack_token_budget(items, [sizes(item) for item in items], max_tokens, padded)
+
+
+def micro_steps(engine, micro_batches: list[list[T]]) -> Iterator[tuple[list[T] | None, float]]:
+    """(micro-batch, weight) for each micro-step of one optimizer step: this rank's micro-batches (weight 1), then
+    idle ones up to the count all ranks agree on, the most any rank has (a collective): under ZeRO-3 every
+    forward and backward gathers parameters on every rank (a live reference's or teacher's too), so all run as
+    many. An idle micro-step (and an empty micro-batch) is this rank's first item alone with weight 0: the
+    trainer runs it as any other, its loss times 0, and leaves it out of the metrics; with no item at all it is
+    (None, 0): run `idle_micro_step`. DeepSpeed's gradient-accumulation boundary is set before each micro-step,
+    true on the last only: the count varies with train.max_tokens_per_micro_batch, so the engine's own count to
+    gradient_accumulation_steps cannot say it."""
+    count = int(all_reduce_max([float(len(micro_batches))])[0])
+    first = next((batch[:1] for batch in micro_batches if batch), None)
+    for index in range(count):
+        engine.set_gradient_accumulation_boundary(index == count - 1)
+        batch = micro_batches[index] if index < len(micro_batches) else []
+        yield (batch, 1.0) if batch else (first, 0.0)
 
 
 def pair_loss_scale(pairs_in_micro_batch: int, plan: StepPlan) -> float:

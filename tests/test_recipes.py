@@ -119,3 +119,44 @@ def test_tulu3_pipeline_chains_the_8b_recipes(tmp_path):
         ["recipe=tulu3_8b_rlvr_grpo"],
     ]
     assert list(cfg.algo.launcher) == ["torchrun", "--nproc_per_node=8"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, None])  # None: every sequence at the full 4096 tokens
+def test_grpo_recipe_bounds_its_largest_forward(tmp_path, seed):
+    """Per rank the 8B GRPO update is 48 prompts / 8 ranks x 16 samples = 96 sequences of up to 2048 prompt +
+    2048 completion tokens, one packed forward of up to 393,216 tokens without a budget. Under the recipe's
+    train.max_tokens_per_micro_batch every forward holds at most that many tokens and every sequence trains once."""
+    import random
+
+    from posttrain.data.batching import split_evenly
+    from posttrain.training import step_micro_batches
+
+    cfg = recipe("tulu3_8b_rlvr_grpo", tmp_path)
+    budget = cfg.train.max_tokens_per_micro_batch
+    sequences = cfg.algo.prompts_per_step // cfg.train.assumed_world_size * cfg.algo.sampling.n
+    longest = cfg.data.max_length + cfg.algo.sampling.max_tokens
+    assert (sequences, longest, budget) == (96, 4096, 16384)
+    lengths = [longest] * sequences if seed is None else [random.Random(seed).randint(100, longest) for _ in range(96)]
+    fixed = split_evenly(list(range(sequences)), cfg.train.gradient_accumulation_steps)
+    assert max(sum(lengths[i] for i in batch) for batch in fixed) > budget  # the unbounded forward of today
+    micro_batches = step_micro_batches(fixed, lambda i: (lengths[i],), budget, padded=False)
+    assert sorted(i for batch in micro_batches for i in batch) == list(range(sequences))
+    assert max(sum(lengths[i] for i in batch) for batch in micro_batches) <= budget
+    if seed is None:
+        assert len(micro_batches) == 24  # 4 full-length sequences a forward
+
+
+def test_tulu3_recipes_fit_their_longest_sequence_in_the_token_budget(tmp_path):
+    """Every Tülu 3 trainer recipe sets a budget that holds its longest example (pair: both sequences)."""
+    for name, longest in {
+        "tulu3_8b_sft": 4096,
+        "tulu3_70b_sft": 4096,
+        "tulu3_8b_dpo": 2 * 2048,
+        "tulu3_70b_dpo": 2 * 2048,
+        "tulu3_8b_rm": 2 * 2048,
+        "tulu3_8b_rlvr_grpo": 2048 + 2048,
+        "tulu3_8b_rlvr": 2048 + 2048,
+        "tulu3_70b_rlvr": 2048 + 2048,
+    }.items():
+        budget = recipe(name, tmp_path).train.max_tokens_per_micro_batch
+        assert budget is not None and budget >= longest, name

@@ -4,15 +4,24 @@ Optimizer step s consumes examples perm[s*B : (s+1)*B] of a seeded per-epoch per
 B = micro_batch_size x grad_accum x world_size. Every rank can therefore count the target tokens of
 the whole step locally (no all-reduce), and the same examples form a step whatever the split into
 micro-batches and ranks — which is what makes micro-batch 1 x accum 8 equal micro-batch 8 x accum 1.
+With `train.max_tokens_per_micro_batch`, a rank's examples of a step are re-packed into micro-batches of at
+most that many tokens (`pack_token_budget`); the losses are scaled by each micro-batch's share of the step's
+normaliser, so the gradient stays the same.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from posttrain.data.chat import IGNORE_INDEX, TokenizedExample
+
+log = logging.getLogger("posttrain")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -112,3 +121,45 @@ def split_evenly(items: list, parts: int) -> list[list]:
         out.append(items[start:end])
         start = end
     return out
+
+
+def micro_batch_tokens(sequence_lengths: Sequence[int], padded: bool) -> int:
+    """Tokens one forward over these sequences processes: their sum packed, count x longest padded."""
+    if not sequence_lengths:
+        return 0
+    return len(sequence_lengths) * max(sequence_lengths) if padded else sum(sequence_lengths)
+
+
+def pack_token_budget(items: Sequence[T], sizes: Sequence[Sequence[int]], budget: int, padded: bool) -> list[list[T]]:
+    """`items` in micro-batches whose forwards hold at most `budget` tokens (`micro_batch_tokens`).
+
+    sizes[i] are the sequence lengths item i puts in a forward: one for an example, (chosen, rejected) for a
+    pair, whose sequences therefore always share a micro-batch. First-fit decreasing: items in order of
+    decreasing tokens (ties: the earlier first) each go to the first micro-batch they fit in, else a new one.
+    Within a micro-batch items keep their order in `items`; micro-batches are ordered by their first item. Every
+    item lands in exactly one micro-batch, deterministically; an item over the budget alone forms its own
+    micro-batch (logged as a warning): the budget bounds every other forward.
+    """
+    if budget < 1:
+        raise ValueError(f"a token budget of {budget} fits nothing; train.max_tokens_per_micro_batch must be >= 1")
+    if len(items) != len(sizes):
+        raise ValueError(f"{len(items)} items but {len(sizes)} sizes")
+    order = sorted(range(len(items)), key=lambda i: (-micro_batch_tokens(sizes[i], padded), i))
+    bins: list[tuple[list[int], list[int]]] = []  # (item positions, their sequence lengths)
+    for position in order:
+        lengths = list(sizes[position])
+        fits = [b for b in bins if micro_batch_tokens(b[1] + lengths, padded) <= budget]
+        if fits:
+            fits[0][0].append(position)
+            fits[0][1].extend(lengths)
+            continue
+        if micro_batch_tokens(lengths, padded) > budget:
+            log.warning(
+                "an example of %d tokens exceeds train.max_tokens_per_micro_batch=%d: it forms a micro-batch of its "
+                "own; raise the budget (or lower data.max_length) to bound every forward",
+                micro_batch_tokens(lengths, padded),
+                budget,
+            )
+        bins.append(([position], lengths))
+    groups = sorted(sorted(positions) for positions, _ in bins)
+    return [[items[p] for p in positions] for positions in groups]

@@ -273,6 +273,11 @@ class PairBatch:
         )
 
 
+def pair_lengths(pair: PreferenceExample) -> tuple[int, int]:
+    """(chosen, rejected) sequence lengths: what the pair puts in a forward (`collate_pairs`)."""
+    return len(pair.chosen.input_ids), len(pair.rejected.input_ids)
+
+
 def collate_pairs(pairs: list[PreferenceExample], packing: bool, pad_token_id: int) -> PairBatch:
     """Chosen and rejected of every pair in ONE batch, so one forward scores both (see `PairBatch`)."""
     sequences = [pair.chosen for pair in pairs] + [pair.rejected for pair in pairs]

@@ -45,7 +45,16 @@ from posttrain.rollout.config import SamplingConfig
 from posttrain.rollout.samples import completion_example, rollout_model_dir
 from posttrain.rollout.service import build_rollout_service
 from posttrain.trainers import register_algo
-from posttrain.training import HUB_NAME, Run, build_engine, idle_micro_step, policy_module, total_optimizer_steps
+from posttrain.training import (
+    HUB_NAME,
+    Run,
+    build_engine,
+    idle_micro_step,
+    micro_steps,
+    policy_module,
+    step_micro_batches,
+    total_optimizer_steps,
+)
 
 log = logging.getLogger("posttrain")
 EVAL_RESPONSES = ("student", "dataset")
@@ -152,14 +161,18 @@ class Distill:
         local_tokens = float(sum(e.num_target_tokens for e in examples))
         step_tokens, sampled_all, sequences = all_reduce_sum([local_tokens, sampled_tokens, float(len(examples))])
         divergence_sum = 0.0
-        for chunk in split_evenly(examples, cfg.train.gradient_accumulation_steps):  # token mean over the step
-            if not chunk:  # every rank runs the same forwards and micro-steps
+        micro_batches = step_micro_batches(
+            split_evenly(examples, cfg.train.gradient_accumulation_steps), lambda e: (len(e.input_ids),),
+            cfg.train.max_tokens_per_micro_batch, padded=False,  # student and teacher forwards are packed
+        )  # fmt: skip
+        for chunk, weight in micro_steps(engine, micro_batches):  # token mean over the step; weight 0: idle
+            if chunk is None:  # no example on this rank at all: every rank runs the same micro-steps
                 idle_micro_step(engine, self.tokenizer.eos_token_id, cfg.optim.max_grad_norm)
                 continue
             per_token = self.divergence(chunk)
-            engine.backward(per_token.sum() * (world_size() / step_tokens), scale_wrt_gas=False)
+            engine.backward(per_token.sum() * (world_size() / step_tokens) * weight, scale_wrt_gas=False)
             backend.step(engine, cfg.optim.max_grad_norm)
-            divergence_sum += float(per_token.detach().sum())
+            divergence_sum += float(per_token.detach().sum()) * weight
         self.stale = True
         return {
             "loss": all_reduce_sum([divergence_sum])[0] / step_tokens,

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from posttrain.data.batching import StepPlan
-from posttrain.data.preference import collate_pairs, first_divergent_step, separator_tokens
+from posttrain.data.preference import collate_pairs, first_divergent_step, pair_lengths, separator_tokens
 from posttrain.engine import backend
 from posttrain.engine.distributed import WeightedMeans, all_reduce_sum, rank, rank_share, world_size
 from posttrain.engine.export import export_hf
@@ -32,8 +32,10 @@ from posttrain.training import (
     Run,
     build_engine,
     load_preference_data,
+    micro_steps,
     pair_loss_scale,
     policy_module,
+    step_micro_batches,
     total_optimizer_steps,
 )
 
@@ -136,18 +138,28 @@ class DPO:
         return loss, metrics
 
     def train_step(self, step: int) -> dict[str, float]:
-        """One optimizer step over this rank's micro-batches; metrics are pair-weighted means over the step."""
+        """One optimizer step over this rank's micro-batches (fixed-size, or packed under
+        train.max_tokens_per_micro_batch: each weighs its pairs' share of the step's mean either way); metrics are
+        pair-weighted means over the step."""
         lr = backend.current_lr(self.engine)
         started = time.perf_counter()
         means, tokens = WeightedMeans(STEP_METRICS), 0.0
-        for indices in self.plan.micro_batches(step, rank()):
+        micro_batches = step_micro_batches(
+            self.plan.micro_batches(step, rank()),
+            lambda i: pair_lengths(self.train_examples[i]),
+            self.cfg.train.max_tokens_per_micro_batch,
+            padded=not self.cfg.data.packing,
+        )
+        for indices, weight in micro_steps(self.engine, micro_batches):  # weight 0: an idle micro-step (ZeRO-3)
             batch, inputs = self.pair_inputs("train", indices)
             loss, metrics = self.family_loss(inputs)
-            self.engine.backward(loss * pair_loss_scale(len(indices), self.plan), scale_wrt_gas=False)
+            self.engine.backward(loss * pair_loss_scale(len(indices), self.plan) * weight, scale_wrt_gas=False)
             backend.step(self.engine, self.cfg.optim.max_grad_norm)
-            means.add(metrics, len(indices))
+            means.add(metrics, len(indices) * weight)
             inputs_ = batch.inputs
-            tokens += float(inputs_["input_ids"].numel() if self.cfg.data.packing else inputs_["attention_mask"].sum())
+            tokens += weight * float(
+                inputs_["input_ids"].numel() if self.cfg.data.packing else inputs_["attention_mask"].sum()
+            )
         elapsed = time.perf_counter() - started
         result = means.means()
         result.update(

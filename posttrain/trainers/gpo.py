@@ -25,7 +25,7 @@ import torch
 from posttrain.config import greedy_eval_request, sampled_eval_request
 from posttrain.data.batching import StepPlan
 from posttrain.data.loading import load_rows
-from posttrain.data.preference import collate_pairs
+from posttrain.data.preference import collate_pairs, pair_lengths
 from posttrain.data.prompts import unique_prompt_rows
 from posttrain.engine import backend
 from posttrain.engine.distributed import WeightedMeans, all_reduce_max, all_reduce_sum, rank, world_size
@@ -45,7 +45,7 @@ from posttrain.rollout.samples import (
 )
 from posttrain.rollout.service import build_rollout_service
 from posttrain.trainers import register_algo
-from posttrain.training import Run, build_engine, pair_loss_scale, policy_module
+from posttrain.training import Run, build_engine, micro_steps, pair_loss_scale, policy_module, step_micro_batches
 
 log = logging.getLogger("posttrain")
 
@@ -200,7 +200,11 @@ class GPO:
         loss_fn = SELF_PLAY_LOSSES.get(cfg.algo.loss)
         means = WeightedMeans(LOSS_METRICS)
         for step in range(self.steps_per_update):
-            for indices in plan.micro_batches(step, 0):
+            fixed, budget = plan.micro_batches(step, 0), train.max_tokens_per_micro_batch
+            micro_batches = step_micro_batches(
+                fixed, lambda i: pair_lengths(pairs.examples[i]), budget, not cfg.data.packing
+            )
+            for indices, weight in micro_steps(engine, micro_batches):  # weight 0: an idle micro-step (ZeRO-3)
                 batch = collate_pairs(
                     [pairs.examples[i] for i in indices], cfg.data.packing, self.tokenizer.pad_token_id
                 )
@@ -210,9 +214,9 @@ class GPO:
                 loss, metrics = loss_fn(
                     policy_w, policy_l, *(t[picked].to(policy_w.device) for t in given), beta=cfg.algo.beta
                 )
-                engine.backward(loss * pair_loss_scale(len(indices), plan), scale_wrt_gas=False)
+                engine.backward(loss * pair_loss_scale(len(indices), plan) * weight, scale_wrt_gas=False)
                 backend.step(engine, cfg.optim.max_grad_norm)
-                means.add(metrics, len(indices))
+                means.add(metrics, len(indices) * weight)
         return means.means()
 
     def eval_request(self, seed: int) -> SamplingConfig:

@@ -18,14 +18,22 @@ from pathlib import Path
 import torch
 
 from posttrain.data.batching import StepPlan
-from posttrain.data.preference import PairBatch, collate_pairs
+from posttrain.data.preference import PairBatch, collate_pairs, pair_lengths
 from posttrain.engine import backend
 from posttrain.engine.distributed import all_reduce_sum, barrier, is_main_process, rank, rank_share, world_size
 from posttrain.engine.export import gathered_parameters
 from posttrain.losses import REWARD_MODEL_LOSSES
 from posttrain.models.reward import RewardHeadConfig, build_reward_model, pair_scores, save_reward_model
 from posttrain.trainers import register_algo
-from posttrain.training import Run, build_engine, load_preference_data, pair_loss_scale, total_optimizer_steps
+from posttrain.training import (
+    Run,
+    build_engine,
+    load_preference_data,
+    micro_steps,
+    pair_loss_scale,
+    step_micro_batches,
+    total_optimizer_steps,
+)
 
 log = logging.getLogger("posttrain")
 
@@ -92,19 +100,26 @@ class RewardModelTrainer:
         return self.loss_fn(chosen, rejected, gate, margin=self.cfg.algo.margin, tau=self.cfg.algo.tau)
 
     def train_step(self, step: int) -> dict[str, float]:
-        """One optimizer step over this rank's micro-batches; metrics are pair-weighted means over the step."""
+        """One optimizer step over this rank's micro-batches (fixed-size, or packed under
+        train.max_tokens_per_micro_batch); metrics are pair-weighted means over the step."""
         lr = backend.current_lr(self.engine)
         started = time.perf_counter()
         totals = [0.0, 0.0, 0.0, 0.0]  # loss * pairs, accuracy * pairs, pairs, tokens
-        for indices in self.plan.micro_batches(step, rank()):
+        micro_batches = step_micro_batches(
+            self.plan.micro_batches(step, rank()),
+            lambda i: pair_lengths(self.train_examples[i]),
+            self.cfg.train.max_tokens_per_micro_batch,
+            padded=not self.cfg.data.packing,
+        )
+        for indices, weight in micro_steps(self.engine, micro_batches):  # weight 0: an idle micro-step (ZeRO-3)
             pairs = [self.train_examples[i] for i in indices]
             loss, metrics = self.loss(*self.head_outputs(pairs))
-            self.engine.backward(loss * pair_loss_scale(len(indices), self.plan), scale_wrt_gas=False)
+            self.engine.backward(loss * pair_loss_scale(len(indices), self.plan) * weight, scale_wrt_gas=False)
             backend.step(self.engine, self.cfg.optim.max_grad_norm)
-            totals[0] += float(metrics["loss"]) * len(indices)
-            totals[1] += float(metrics["accuracy"]) * len(indices)
-            totals[2] += len(indices)
-            totals[3] += sum(pair.num_tokens for pair in pairs)
+            totals[0] += float(metrics["loss"]) * len(indices) * weight
+            totals[1] += float(metrics["accuracy"]) * len(indices) * weight
+            totals[2] += len(indices) * weight
+            totals[3] += sum(pair.num_tokens for pair in pairs) * weight
         elapsed = time.perf_counter() - started
         loss, accuracy, pairs, tokens = all_reduce_sum(totals)
         return {

@@ -43,7 +43,16 @@ from posttrain.rollout.rl_groups import rl_option_problems, sample_training_grou
 from posttrain.rollout.samples import PolicySample, lora_rank, rollout_model_dir
 from posttrain.rollout.service import build_rollout_service
 from posttrain.trainers import register_algo
-from posttrain.training import Run, build_engine, crossed, idle_micro_step, policy_module, total_optimizer_steps
+from posttrain.training import (
+    Run,
+    build_engine,
+    crossed,
+    idle_micro_step,
+    micro_steps,
+    policy_module,
+    step_micro_batches,
+    total_optimizer_steps,
+)
 
 log = logging.getLogger("posttrain")
 
@@ -104,6 +113,12 @@ def check_config(cfg) -> None:
         ),
         "algo.reference_refresh_every needs full fine-tuning: with peft=lora the reference is the base model": (
             algo.reference_refresh_every > 0 and cfg.peft.enabled
+        ),
+        f"train.max_tokens_per_micro_batch={cfg.train.max_tokens_per_micro_batch} is below data.max_length + "
+        f"algo.sampling.max_tokens (prompt + completion = {cfg.data.max_length + algo.sampling.max_tokens}): a "
+        "sequence would not fit one micro-batch": (
+            cfg.train.max_tokens_per_micro_batch is not None
+            and cfg.train.max_tokens_per_micro_batch < cfg.data.max_length + algo.sampling.max_tokens
         ),
     }
     problems += [problem for problem, failed in checks.items() if failed]
@@ -202,15 +217,21 @@ class RLVR:
         return metrics
 
     def optimizer_step(self, minibatch: list[PolicySample]) -> dict[str, float]:
-        """One optimizer step over `minibatch`, in train.gradient_accumulation_steps chunks (an empty chunk runs a
-        zero-loss forward, so every rank does the same number of backward passes)."""
+        """One optimizer step over `minibatch`, in train.gradient_accumulation_steps chunks or, with
+        train.max_tokens_per_micro_batch, in chunks of at most that many tokens; each chunk's loss weighs its share
+        of the aggregation's normaliser over the whole minibatch (`chunk_loss_weight`). Every rank runs as many
+        micro-steps (`micro_steps`: zero-weight ones where it has fewer chunks)."""
         cfg, algo, engine = self.cfg, self.cfg.algo, self.engine
         tokens = float(sum(len(s.example.input_ids) - s.prompt_length for s in minibatch))
         total_tokens, total_sequences = all_reduce_sum([tokens, float(len(minibatch))])
         sums = dict.fromkeys(("clip_fraction", "kl", "entropy", *MISMATCH_SUMS), 0.0)
         loss_fn = POLICY_LOSSES.get(IMPORTANCE_LEVELS[algo.importance_level])
-        for chunk in split_evenly(minibatch, cfg.train.gradient_accumulation_steps):
-            if not chunk:
+        micro_batches = step_micro_batches(
+            split_evenly(minibatch, cfg.train.gradient_accumulation_steps), lambda s: (len(s.example.input_ids),),
+            cfg.train.max_tokens_per_micro_batch, padded=False,  # completion_logprobs packs its forward
+        )  # fmt: skip
+        for chunk, weight in micro_steps(engine, micro_batches):  # weight 0: an idle micro-step (ZeRO-3)
+            if chunk is None:  # no sequence on this rank at all
                 idle_micro_step(engine, self.tokenizer.eos_token_id, cfg.optim.max_grad_norm)
                 continue
             logprobs, entropy, mask = completion_logprobs(
@@ -228,11 +249,13 @@ class RLVR:
                 constant_normalizer=algo.sampling.max_tokens * total_sequences,
             )  # fmt: skip
             chunk_tokens = float(mask.sum())
-            weight = chunk_loss_weight(
+            share = chunk_loss_weight(
                 algo.aggregation, len(chunk), chunk_tokens, total_sequences, total_tokens, world_size()
             )
-            engine.backward(loss * weight, scale_wrt_gas=False)
+            engine.backward(loss * share * weight, scale_wrt_gas=False)
             backend.step(engine, cfg.optim.max_grad_norm)
+            if not weight:
+                continue
             for key in ("clip_fraction", "kl", "entropy"):
                 sums[key] += float(parts.get(key, 0.0)) * chunk_tokens
             sums.update({key: sums[key] + value for key, value in mismatch.items()})

@@ -19,7 +19,15 @@ from posttrain.engine.export import export_hf
 from posttrain.errors import ConfigError
 from posttrain.losses.sft import REDUCTIONS, sft_loss
 from posttrain.trainers import register_algo
-from posttrain.training import Run, batch_to, build_engine, policy_module, total_optimizer_steps
+from posttrain.training import (
+    Run,
+    batch_to,
+    build_engine,
+    micro_steps,
+    policy_module,
+    step_micro_batches,
+    total_optimizer_steps,
+)
 
 log = logging.getLogger("posttrain")
 
@@ -71,13 +79,21 @@ class SFT:
         )  # fmt: skip
 
     def train_step(self, step: int) -> dict[str, float]:
-        """One optimizer step over this rank's micro-batches; returns the step's metrics."""
+        """One optimizer step over this rank's micro-batches (fixed-size, or packed under
+        train.max_tokens_per_micro_batch: the token-mean loss divides by the step's target tokens either way);
+        returns the step's metrics."""
         cfg, engine = self.cfg, self.engine
         step_target_tokens = count_target_tokens([self.train_examples[i] for i in self.plan.step_indices(step)])
         lr = backend.current_lr(engine)
         started = time.perf_counter()
         nll_sum, local_tokens = 0.0, 0
-        for indices in self.plan.micro_batches(step, rank()):
+        micro_batches = step_micro_batches(
+            self.plan.micro_batches(step, rank()),
+            lambda i: (len(self.train_examples[i].input_ids),),
+            cfg.train.max_tokens_per_micro_batch,
+            padded=not cfg.data.packing,
+        )
+        for indices, weight in micro_steps(engine, micro_batches):  # weight 0: an idle micro-step (ZeRO-3)
             examples = [self.train_examples[i] for i in indices]
             batch = batch_to(collate(examples, cfg.data.packing, self.tokenizer.pad_token_id), engine.device)
             targets = batch.pop("targets")
@@ -89,10 +105,12 @@ class SFT:
                 reduction=cfg.algo.loss_reduction,
                 world_size=world_size(),
             )
-            engine.backward(loss, scale_wrt_gas=False)
+            engine.backward(loss * weight, scale_wrt_gas=False)
             backend.step(engine, cfg.optim.max_grad_norm)
-            nll_sum += float(parts["nll_sum"])
-            local_tokens += int(batch["input_ids"].numel() if cfg.data.packing else batch["attention_mask"].sum())
+            nll_sum += float(parts["nll_sum"]) * weight
+            local_tokens += weight * int(
+                batch["input_ids"].numel() if cfg.data.packing else batch["attention_mask"].sum()
+            )
         elapsed = time.perf_counter() - started
         total_nll, total_tokens = all_reduce_sum([nll_sum, float(local_tokens)])
         return {

@@ -133,3 +133,15 @@ def test_zero3_rlvr_with_groups_dropped_unevenly_matches_zero2(tmp_path):
         assert [m[key] for m in three if key in m] == [m[key] for m in two if key in m], key
     for key in ("kl", "clip_fraction"):
         assert [m[key] for m in three if key in m] == pytest.approx([m[key] for m in two if key in m], abs=1e-4), key
+
+
+def test_zero3_token_budget_matches_single_process(tmp_path, single_process_losses):
+    """SFT under ZeRO-3 on 2 ranks with train.max_tokens_per_micro_batch (2 micro-batches a rank and step instead
+    of 1, the accumulation boundary set explicitly) finishes (a hang fails at the timeout) with the
+    single-process fixed-split losses. On this data both ranks pack into equally many micro-batches: uneven
+    counts (the zero-weight micro-steps) are not exercised here."""
+    run_dir = tmp_path / "budget"
+    budget = ["train.micro_batch_size=4", "train.max_tokens_per_micro_batch=160"]
+    torchrun(f"run_dir={run_dir}", "deepspeed=zero3", *budget, *ARGS, timeout=600)
+    losses = [m["loss"] for m in read_metrics(run_dir) if "loss" in m]
+    assert losses == pytest.approx(single_process_losses, rel=1e-4)
