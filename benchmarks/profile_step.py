@@ -197,8 +197,8 @@ def main() -> None:
     for name, seconds, calls in top[: args.top]:
         print(f"| `{name[:60]}` | {seconds / args.steps:.2f} | {calls // args.steps} |")
     if args.out:
-        args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "step_seconds": times,
-                                        "tokens": tokens, "kinds": kinds, "top": top[:50]}, indent=2, default=str))  # fmt: skip
+        record = {"args": vars(args), "step_seconds": times, "tokens": tokens, "kinds": kinds, "top": top[:50]}
+        args.out.write_text(json.dumps(record, indent=2, default=str))
 
 
 if __name__ == "__main__":
