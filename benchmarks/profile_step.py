@@ -188,8 +188,10 @@ def main() -> None:
     print(f"# {args.algo}: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, batch {args.batch}, "
           f"tokens {args.tokens or 'arithmetic'}, row layout {'off' if args.no_row_layout else 'on'}; "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")  # fmt: skip
-    print(f"median step {statistics.median(times):.2f} s, ~{statistics.median(tokens):.0f} tokens/step; "
-          f"profiled self CPU {total:.1f} s over {args.steps} steps")
+    print(
+        f"median step {statistics.median(times):.2f} s, ~{statistics.median(tokens):.0f} tokens/step; "
+        f"profiled self CPU {total:.1f} s over {args.steps} steps"
+    )
     print("| kind | self CPU s / step | share |\n|---|---|---|")
     for kind in KINDS:
         print(f"| {kind} | {kinds[kind] / args.steps:.2f} | {kinds[kind] / total:.0%} |")
