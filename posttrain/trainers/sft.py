@@ -14,7 +14,7 @@ from posttrain.data.chat import IGNORE_INDEX, TokenizedExample
 from posttrain.data.loading import load_rows
 from posttrain.data.sft import build_sft_examples
 from posttrain.engine import backend
-from posttrain.engine.distributed import all_reduce_sum, rank, rank_share, world_size
+from posttrain.engine.distributed import all_reduce_max, all_reduce_sum, rank, rank_share, world_size
 from posttrain.engine.export import export_hf
 from posttrain.errors import ConfigError
 from posttrain.losses.sft import REDUCTIONS, sft_loss
@@ -113,12 +113,16 @@ class SFT:
             )
         elapsed = time.perf_counter() - started
         total_nll, total_tokens = all_reduce_sum([nll_sum, float(local_tokens)])
+        most, fewest = all_reduce_max([float(len(micro_batches)), -float(len(micro_batches))])
         return {
             "loss": total_nll / step_target_tokens,
             "lr": lr,
             "grad_norm": backend.grad_norm(engine),
             "tokens_per_second": total_tokens / elapsed,
             "target_tokens": float(step_target_tokens),
+            # forwards a rank ran / had work for: they differ under train.max_tokens_per_micro_batch
+            "micro_batches": most,
+            "micro_batches_fewest": -fewest,
         }
 
     @torch.no_grad()

@@ -22,6 +22,9 @@ ARGS = [
 ]
 
 
+UNEVEN_BUDGET = 184  # tokens (examples of 44-48): 5 of the 6 steps pack one rank into 1 micro-batch, the other into 2
+
+
 @pytest.fixture(scope="module")
 def single_process_losses(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("single")
@@ -145,3 +148,17 @@ def test_zero3_token_budget_matches_single_process(tmp_path, single_process_loss
     torchrun(f"run_dir={run_dir}", "deepspeed=zero3", *budget, *ARGS, timeout=600)
     losses = [m["loss"] for m in read_metrics(run_dir) if "loss" in m]
     assert losses == pytest.approx(single_process_losses, rel=1e-4)
+
+
+def test_zero3_uneven_token_budget_micro_batches_match_single_process(tmp_path, single_process_losses):
+    """A budget that packs the two ranks' shares into different numbers of micro-batches in some steps: the rank
+    with fewer runs zero-weight micro-steps up to the agreed count, so under ZeRO-3 both finish (a hang fails at
+    the timeout) with the single-process fixed-split losses. The run's own metrics show that the counts differed."""
+    run_dir = tmp_path / "uneven"
+    budget = ["train.micro_batch_size=4", f"train.max_tokens_per_micro_batch={UNEVEN_BUDGET}"]
+    torchrun(f"run_dir={run_dir}", "deepspeed=zero3", *budget, *ARGS, timeout=600)
+    records = [m for m in read_metrics(run_dir) if "loss" in m]
+    assert any(m["micro_batches"] > m["micro_batches_fewest"] for m in records), [
+        (m["micro_batches"], m["micro_batches_fewest"]) for m in records
+    ]
+    assert [m["loss"] for m in records] == pytest.approx(single_process_losses, rel=1e-4)
