@@ -55,6 +55,8 @@ def prepare(workdir: Path, args) -> list[str]:
     from common import arithmetic_tokenizer
 
     tokenizer = arithmetic_tokenizer()
+    if args.algo == "rlvr":  # sampled ids must decode: the vocabulary is the tokenizer's (as in rlvr_vs_trl.py)
+        args.vocab = -(-len(tokenizer) // 64) * 64
     config = LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64,
@@ -139,7 +141,7 @@ def main() -> None:
     parser.add_argument("--algo", choices=("sft", "dpo", "rlvr"), required=True)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--vocab", type=int, default=8192, help="sft / dpo (rlvr: the tokenizer's)")
     parser.add_argument("--batch", type=int, default=None, help="pairs (dpo) / sequences (sft) / prompts (rlvr)")
     parser.add_argument("--tokens", type=int, nargs=2, metavar=("MIN", "MAX"), help="response lengths (sft, dpo)")
     parser.add_argument("--rollout", default="hf", choices=("hf", "vllm"), help="rlvr's rollout backend")
