@@ -46,6 +46,7 @@ from protocol import write_results
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = Path(__file__).resolve().parent
 SEED = 0
+sys.path.insert(0, str(REPO_ROOT))  # the set-up imports posttrain from this checkout, installed or not
 
 
 # ---------------------------------------------------------------------------------------------------------------
