@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 
 from posttrain.data.batching import StepPlan, pack_token_budget
 from posttrain.data.loading import load_rows
-from posttrain.data.preference import PreferenceExample, build_preference_examples, preference_texts
+from posttrain.data.preference import PreferenceExample, build_preference_examples, pair_lengths, preference_texts
 from posttrain.engine import backend
 from posttrain.engine.checkpoint import load_checkpoint, remove_staging_dirs, save_checkpoint
 from posttrain.engine.distributed import all_reduce_max, init_distributed, rank
@@ -224,6 +224,14 @@ def step_micro_batches(
         return fixed
     items = [item for micro_batch in fixed for item in micro_batch]
     return pack_token_budget(items, [sizes(item) for item in items], max_tokens, padded)
+
+
+def pair_micro_batches(fixed: list[list[int]], examples: Sequence[PreferenceExample], cfg) -> list[list[int]]:
+    """`step_micro_batches` of pair indices into `examples` under cfg.train.max_tokens_per_micro_batch: a pair
+    puts its chosen and rejected sequences in one forward (cfg.data.packing: packed, else padded)."""
+    return step_micro_batches(
+        fixed, lambda i: pair_lengths(examples[i]), cfg.train.max_tokens_per_micro_batch, not cfg.data.packing
+    )
 
 
 def micro_steps(engine, micro_batches: list[list[T]]) -> Iterator[tuple[list[T] | None, float]]:

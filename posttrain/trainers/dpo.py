@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from posttrain.data.batching import StepPlan
-from posttrain.data.preference import collate_pairs, first_divergent_step, pair_lengths, separator_tokens
+from posttrain.data.preference import collate_pairs, first_divergent_step, separator_tokens
 from posttrain.engine import backend
 from posttrain.engine.distributed import WeightedMeans, all_reduce_sum, rank, rank_share, world_size
 from posttrain.engine.export import export_hf
@@ -34,8 +34,8 @@ from posttrain.training import (
     load_preference_data,
     micro_steps,
     pair_loss_scale,
+    pair_micro_batches,
     policy_module,
-    step_micro_batches,
     total_optimizer_steps,
 )
 
@@ -144,12 +144,7 @@ class DPO:
         lr = backend.current_lr(self.engine)
         started = time.perf_counter()
         means, tokens = WeightedMeans(STEP_METRICS), 0.0
-        micro_batches = step_micro_batches(
-            self.plan.micro_batches(step, rank()),
-            lambda i: pair_lengths(self.train_examples[i]),
-            self.cfg.train.max_tokens_per_micro_batch,
-            padded=not self.cfg.data.packing,
-        )
+        micro_batches = pair_micro_batches(self.plan.micro_batches(step, rank()), self.train_examples, self.cfg)
         for indices, weight in micro_steps(self.engine, micro_batches):  # weight 0: an idle micro-step (ZeRO-3)
             batch, inputs = self.pair_inputs("train", indices)
             loss, metrics = self.family_loss(inputs)

@@ -25,7 +25,7 @@ import torch
 from posttrain.config import greedy_eval_request, sampled_eval_request
 from posttrain.data.batching import StepPlan
 from posttrain.data.loading import load_rows
-from posttrain.data.preference import collate_pairs, pair_lengths
+from posttrain.data.preference import collate_pairs
 from posttrain.data.prompts import unique_prompt_rows
 from posttrain.engine import backend
 from posttrain.engine.distributed import WeightedMeans, all_reduce_max, all_reduce_sum, rank, world_size
@@ -45,7 +45,7 @@ from posttrain.rollout.samples import (
 )
 from posttrain.rollout.service import build_rollout_service
 from posttrain.trainers import register_algo
-from posttrain.training import Run, build_engine, micro_steps, pair_loss_scale, policy_module, step_micro_batches
+from posttrain.training import Run, build_engine, micro_steps, pair_loss_scale, pair_micro_batches, policy_module
 
 log = logging.getLogger("posttrain")
 
@@ -200,10 +200,7 @@ class GPO:
         loss_fn = SELF_PLAY_LOSSES.get(cfg.algo.loss)
         means = WeightedMeans(LOSS_METRICS)
         for step in range(self.steps_per_update):
-            fixed, budget = plan.micro_batches(step, 0), train.max_tokens_per_micro_batch
-            micro_batches = step_micro_batches(
-                fixed, lambda i: pair_lengths(pairs.examples[i]), budget, not cfg.data.packing
-            )
+            micro_batches = pair_micro_batches(plan.micro_batches(step, 0), pairs.examples, cfg)
             for indices, weight in micro_steps(engine, micro_batches):  # weight 0: an idle micro-step (ZeRO-3)
                 batch = collate_pairs(
                     [pairs.examples[i] for i in indices], cfg.data.packing, self.tokenizer.pad_token_id

@@ -23,7 +23,7 @@ import torch
 from posttrain.config import greedy_eval_request
 from posttrain.data.batching import StepPlan, split_evenly
 from posttrain.data.loading import load_rows
-from posttrain.data.preference import collate_pairs, pair_lengths
+from posttrain.data.preference import collate_pairs
 from posttrain.data.prompts import build_prompt_rows, unique_prompt_rows
 from posttrain.engine import backend
 from posttrain.engine.distributed import WeightedMeans, all_reduce_max, all_reduce_sum, rank, world_size
@@ -39,7 +39,7 @@ from posttrain.rollout.pairs import SampledPairs, group_statistics, margin_pairs
 from posttrain.rollout.samples import grouped_completions, lora_rank, rollout_model_dir
 from posttrain.rollout.service import build_rollout_service
 from posttrain.trainers import register_algo
-from posttrain.training import Run, build_engine, idle_micro_step, micro_steps, policy_module, step_micro_batches
+from posttrain.training import Run, build_engine, idle_micro_step, micro_steps, pair_micro_batches, policy_module
 
 
 @dataclass
@@ -156,11 +156,8 @@ class OnlineDPO:
             order = torch.randperm(len(pairs.examples), generator=generator).tolist()
             for step_pairs in split_evenly(order, algo.steps_per_epoch):
                 step_total = all_reduce_sum([float(len(step_pairs))])[0]
-                micro_batches = step_micro_batches(
-                    split_evenly(step_pairs, cfg.train.gradient_accumulation_steps),
-                    lambda i: pair_lengths(pairs.examples[i]), cfg.train.max_tokens_per_micro_batch,
-                    padded=not cfg.data.packing,
-                )  # fmt: skip
+                fixed = split_evenly(step_pairs, cfg.train.gradient_accumulation_steps)
+                micro_batches = pair_micro_batches(fixed, pairs.examples, cfg)
                 for chunk, weight in micro_steps(engine, micro_batches):  # weight 0: idle (ZeRO-3: as many passes)
                     if chunk is None:  # no pair on this rank at all
                         idle_micro_step(engine, self.tokenizer.eos_token_id, cfg.optim.max_grad_norm)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from posttrain.data.batching import StepPlan
-from posttrain.data.preference import PairBatch, collate_pairs, pair_lengths
+from posttrain.data.preference import PairBatch, collate_pairs
 from posttrain.engine import backend
 from posttrain.engine.distributed import all_reduce_sum, barrier, is_main_process, rank, rank_share, world_size
 from posttrain.engine.export import gathered_parameters
@@ -31,7 +31,7 @@ from posttrain.training import (
     load_preference_data,
     micro_steps,
     pair_loss_scale,
-    step_micro_batches,
+    pair_micro_batches,
     total_optimizer_steps,
 )
 
@@ -105,12 +105,7 @@ class RewardModelTrainer:
         lr = backend.current_lr(self.engine)
         started = time.perf_counter()
         totals = [0.0, 0.0, 0.0, 0.0]  # loss * pairs, accuracy * pairs, pairs, tokens
-        micro_batches = step_micro_batches(
-            self.plan.micro_batches(step, rank()),
-            lambda i: pair_lengths(self.train_examples[i]),
-            self.cfg.train.max_tokens_per_micro_batch,
-            padded=not self.cfg.data.packing,
-        )
+        micro_batches = pair_micro_batches(self.plan.micro_batches(step, rank()), self.train_examples, self.cfg)
         for indices, weight in micro_steps(self.engine, micro_batches):  # weight 0: an idle micro-step (ZeRO-3)
             pairs = [self.train_examples[i] for i in indices]
             loss, metrics = self.loss(*self.head_outputs(pairs))
