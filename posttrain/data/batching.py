@@ -64,9 +64,12 @@ class StepPlan:
         ]
 
 
-def shifted_targets(labels: list[int]) -> list[int]:
-    """targets[t] = labels[t + 1]: the token position t predicts; the last position predicts nothing."""
-    return labels[1:] + [IGNORE_INDEX]
+def shifted_targets(labels: Sequence[int]) -> list[int]:
+    """targets[t] = labels[t + 1]: the token position t predicts; the last position predicts nothing. `labels` is
+    a list or an `array("i")` (SFT examples)."""
+    targets = list(labels[1:])
+    targets.append(IGNORE_INDEX)
+    return targets
 
 
 def collate_packed(examples: list[TokenizedExample]) -> dict[str, torch.Tensor]:

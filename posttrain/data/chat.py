@@ -19,6 +19,9 @@ ROLES = ("system", "user", "assistant", "tool")
 
 @dataclass
 class TokenizedExample:
+    """One tokenised sequence. The fields are lists, or `array("i")` where many are held at once (SFT data):
+    both index, slice and extend a list alike, but an array never equals a list (`==`): compare `list(...)`s."""
+
     input_ids: list[int]
     labels: list[int]  # input_ids at assistant positions, IGNORE_INDEX elsewhere (not shifted)
 

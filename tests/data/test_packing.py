@@ -54,3 +54,19 @@ def test_targets_never_cross_a_document_boundary(tiny_tokenizer, arithmetic_rows
     ends = torch.tensor([len(e.input_ids) for e in examples]).cumsum(0) - 1
     assert (batch["targets"][0, ends] == IGNORE_INDEX).all()
     assert int((batch["targets"] != IGNORE_INDEX).sum()) == sum(e.num_target_tokens for e in examples)
+
+
+def test_compact_examples_collate_like_lists(tiny_tokenizer, arithmetic_rows):
+    """SFT examples hold array("i") ids and labels: both collates give the tensors lists give."""
+    from array import array
+
+    from posttrain.data.chat import TokenizedExample
+
+    examples = [tokenize_conversation(tiny_tokenizer, row["messages"]) for row in arithmetic_rows[:3]]
+    compact = [TokenizedExample(array("i", e.input_ids), array("i", e.labels)) for e in examples]
+    for collate in (collate_packed, lambda batch: collate_padded(batch, pad_token_id=0)):
+        expected, got = collate(examples), collate(compact)
+        assert expected.keys() == got.keys()
+        for key in expected:
+            assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), key
+    assert [e.num_target_tokens for e in compact] == [e.num_target_tokens for e in examples]

@@ -49,7 +49,18 @@ def serial_sft(rows, tokenizer, max_length, truncation):
 
 
 def as_lists(examples):
-    return [(example.input_ids, example.labels) for example in examples]
+    return [(list(example.input_ids), list(example.labels)) for example in examples]
+
+
+def test_int32_rows_equal_to_pylist_on_sliced_and_chunked_columns():
+    import pyarrow as pa
+
+    rows = [[1, 2, 3], [], [-100, 7], None, [2**31 - 1, -(2**31)], [5]]
+    column = pa.chunked_array([pa.array(rows[:3], pa.list_(pa.int32())), pa.array(rows[3:], pa.list_(pa.int32()))])
+    for piece in (column, column.slice(1, 4), column.combine_chunks().slice(2, 3)):
+        got = tokenization.int32_rows(piece)
+        assert [list(row) for row in got] == [row or [] for row in piece.to_pylist()]
+        assert all(row.typecode == "i" and row.itemsize == 4 for row in got)
 
 
 @pytest.mark.parametrize("num_proc", [1, 2])
