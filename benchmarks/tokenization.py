@@ -12,10 +12,12 @@ template), built before the clock starts. Timed is the call that turns the rows 
 | `serial` | the loop posttrain ran before: validate, `tokenize_conversation`, length policy, row by row |
 | `arrow1` | `build_sft_examples` with `data.num_proc=1` (no cache) |
 | `arrow2` | the same with `data.num_proc=2` |
+| `arrow2_lists` | `arrow2` as it was before the examples held `array("i")`: the table's columns `to_pylist`-ed |
 | `cache_build` | `data.cache_tokenized=true` on an empty cache dir, `num_proc=2`: tokenise and write the Arrow table |
 | `cache_read` | the same again: the table read back from disk (what every rank but the builder does) |
 
-Peak memory: `ru_maxrss` of the side's process (`rss_mib`) and the largest of its child processes
+Memory: `ru_maxrss` of the side's process when the examples are built (`rss_mib`, the peak), its VmRSS then
+(`held_mib`: the rows read plus the examples a trainer keeps) and the largest of its child processes
 (`worker_rss_mib`: the `datasets.map` workers, but also helper processes started at import, which set a floor of
 about 310 MiB here even for the serial side; compare it across sides only above that floor). Every side's
 examples are compared with the serial side's by a digest (same ids and labels, in order); a mismatch is printed.
@@ -36,9 +38,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from array import array
 from pathlib import Path
 
-SIDES = ("serial", "arrow1", "arrow2", "cache_build", "cache_read")
+SIDES = ("serial", "arrow1", "arrow2", "arrow2_lists", "cache_build", "cache_read")
 WORDS = (
     "the a model data token train step loss batch value answer question number sum carry digit result rate learn "
     "text chat user reply first second third more less check write read list table run test"
@@ -74,6 +77,14 @@ def serial_examples(rows, tokenizer, data_cfg):
     return examples
 
 
+def current_rss_mib() -> float:
+    """The process's resident set now (VmRSS), MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def run_side(side: str, rows_file: Path, cache_dir: Path) -> dict:
     """One side in this process (called in a fresh child): seconds, peak RSS, and a digest of the examples."""
     import os
@@ -96,19 +107,28 @@ def run_side(side: str, rows_file: Path, cache_dir: Path) -> dict:
     started = time.perf_counter()
     if side == "serial":
         examples = serial_examples(rows, tokenizer, data_cfg)
+    elif side == "arrow2_lists":  # the Arrow path as it was before SFT examples held array("i"): to_pylist
+        from posttrain.data.tokenization import sft_example, to_examples, tokenized_split
+
+        examples, _ = to_examples(tokenized_split("sft", rows, tokenizer, data_cfg), data_cfg, sft_example)
     else:
         examples, _ = build_sft_examples(rows, tokenizer, data_cfg, "train")
     seconds = time.perf_counter() - started
-    digest = hashlib.sha256(json.dumps([[e.input_ids, e.labels] for e in examples]).encode()).hexdigest()
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the digest allocates anything
+    held_mib = current_rss_mib()  # what the examples (and the rows read) keep alive
+    digest = hashlib.sha256()
+    for example in examples:  # the same bytes for list and array("i") examples
+        digest.update(array("i", example.input_ids).tobytes() + b"|" + array("i", example.labels).tobytes() + b"#")
     return {
         "side": side,
         "rows": len(rows),
         "examples": len(examples),
         "tokens": sum(len(e.input_ids) for e in examples),
         "seconds": round(seconds, 3),
-        "rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "rss_mib": round(peak_mib, 1),
+        "held_mib": round(held_mib, 1),
         "worker_rss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
-        "digest": digest,
+        "digest": digest.hexdigest(),
     }
 
 
@@ -139,12 +159,13 @@ def main() -> None:
                 sys.exit(f"side {side} failed:\n{done.stderr[-3000:]}")
             results.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(results[-1], flush=True)
-    print(f"\n{'side':<12} {'seconds':>9} {'x serial':>9} {'rss MiB':>9} {'worker MiB':>11}  examples")
+    print(f"\n{'side':<12} {'seconds':>9} {'x serial':>9} {'peak MiB':>9} {'held MiB':>9} {'worker MiB':>11}  examples")
     serial = next((r for r in results if r["side"] == "serial"), results[0])
     for result in results:
         print(
             f"{result['side']:<12} {result['seconds']:>9.2f} {serial['seconds'] / result['seconds']:>9.2f} "
-            f"{result['rss_mib']:>9.0f} {result['worker_rss_mib']:>11.0f}  {result['examples']}"
+            f"{result['rss_mib']:>9.0f} {result['held_mib']:>9.0f} {result['worker_rss_mib']:>11.0f}  "
+            f"{result['examples']}"
         )
     if len({result["digest"] for result in results}) > 1:
         print("WARNING: the sides produced different examples", {r["side"]: r["digest"][:12] for r in results})
