@@ -74,7 +74,15 @@ def test_every_gpu_check_is_marked_not_run_without_a_gpu():
     skipped = [check.name for check in doctor.CHECKS if not check.needs_gpu]
     results = run_checks(doctor.CHECKS, gpus=0, skip=skipped)
     gpu_rows = [r for r in results if r.name not in skipped]
-    assert {r.name for r in gpu_rows} == {"kernel-cuda", "kernel-speed", "flash-attn", "vllm-sleep", "nccl", "rlvr"}
+    assert {r.name for r in gpu_rows} == {
+        "kernel-cuda",
+        "kernel-speed",
+        "flash-attn",
+        "vllm-sleep",
+        "nccl",
+        "rlvr",
+        "sharded-load",
+    }
     assert all(r.status == NOT_RUN and r.detail == "needs a GPU" for r in gpu_rows)
 
 
@@ -123,3 +131,15 @@ def test_all_reduce_check_over_gloo_with_two_processes():
     """The NCCL check's code path (spawned ranks, an exact sum, a timed 64 MiB all-reduce) on gloo."""
     detail = stack.all_reduce_across(2, "gloo")
     assert detail.startswith("gloo across 2 processes: sums exact; 64 MiB all-reduce ")
+
+
+def test_peak_own_memory_of_a_process_tree_sees_a_grandchild_allocation():
+    """The sharded-load check's probe: a grandchild (bash -> python) holding 300 MiB is seen, an idle one is not,
+    a failing command raises with its output."""
+    allocate = "import time; block = b'x' * (300 << 20); time.sleep(0.5)"
+    idle = "import time; time.sleep(0.5)"
+    big, _ = stack.peak_anon_rss(["bash", "-c", f'{sys.executable} -c "{allocate}"; true'], {}, timeout=60)
+    small, _ = stack.peak_anon_rss(["bash", "-c", f'{sys.executable} -c "{idle}"; true'], {}, timeout=60)
+    assert big >= 300 << 20 and small < 100 << 20, (big >> 20, small >> 20)
+    with pytest.raises(AssertionError, match="exited 3: boom"):
+        stack.peak_anon_rss(["bash", "-c", "echo boom; exit 3"], {}, timeout=60)

@@ -3,7 +3,8 @@
 Runs a table of checks: the fused kernel against its PyTorch reference (CPU twin; CUDA values, gradients,
 fp32 / bf16, odd shapes, and time / memory against the naive path), flash-attn, a vLLM engine (start,
 greedy == transformers after a weight sync, sleep / wake freeing memory), NCCL all-reduce across the
-visible GPUs, a 20-step ZeRO-3 SFT and a 3-step RLVR on the tiny model across all visible GPUs. On a
+visible GPUs, a 20-step ZeRO-3 SFT and a 3-step RLVR on the tiny model across all visible GPUs, and each rank's
+host memory while ZeRO-3 loads a ~0.8B model partitioned (under half a float32 copy; a whole copy without). On a
 machine without a GPU it runs the CPU half (kernel twin, a tiny SFT, the vLLM CPU engine) and marks the
 rest "not run (needs a GPU)". Exit status 1 if any check failed, else 0.
 
@@ -30,6 +31,7 @@ CHECKS = [
     Check("vllm-sleep", stack.check_vllm_sleep, needs_gpu=True, after=("vllm",), description="sleep frees memory"),
     Check("nccl", stack.check_nccl, needs_gpu=True, description="NCCL all-reduce across the visible GPUs"),
     Check("sft", stack.check_sft, description="tiny SFT (ZeRO-3 across GPUs; 1 process on CPU)"),
+    Check("sharded-load", stack.check_sharded_load, needs_gpu=True, description="ZeRO-3 load: host RSS < 1/2 copy"),
     Check("rlvr", stack.check_rlvr, needs_gpu=True, description="3-step RLVR across the visible GPUs"),
 ]
 KERNEL_CHECKS = ("kernel-cpu", "kernel-cuda", "kernel-speed")

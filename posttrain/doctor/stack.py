@@ -289,3 +289,120 @@ def check_rlvr(context: dict) -> str:
         raise AssertionError(f"expected 3 RLVR steps in metrics.jsonl, got {len(rows)}")
     rewards = [round(row["reward_mean"], 2) for row in rows]
     return f"3 steps on rollout={backend} across {context['gpus']} GPU(s): reward {rewards}"
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it (from /proc/*/stat parent ids), alive now."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parent = int(stat[stat.rindex(")") + 2 :].split()[1])  # the field after the state, past "(comm)"
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo += children.get(current, [])
+    return found
+
+
+def anon_rss_bytes(pid: int) -> int:
+    """A process's own resident memory (RssAnon: heap, not mapped files or the page cache); 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def peak_anon_rss(command: list[str], env: dict, timeout: int, interval: float = 0.02) -> tuple[int, str]:
+    """Run `command`; (the highest RssAnon any one of its processes reached, sampled every `interval` s, the
+    output's tail). Raises with the tail when it exits non-zero."""
+    import threading
+    import time
+
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peaks: dict[int, int] = {}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            for pid in descendants(process.pid):
+                peaks[pid] = max(peaks.get(pid, 0), anon_rss_bytes(pid))
+            time.sleep(interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    finally:
+        done.set()
+        sampler.join()
+        if process.poll() is None:
+            process.kill()
+    if process.returncode != 0:
+        raise AssertionError(f"`{' '.join(command[1:])}` exited {process.returncode}: {output[-400:]}")
+    return max(peaks.values(), default=0), output[-400:]
+
+
+SHARDED_MODEL = {"hidden_size": 2048, "num_layers": 16, "num_heads": 16, "num_kv_heads": 16, "intermediate_size": 5504}
+
+
+def sharded_model_dir(context: dict) -> tuple[Path, int]:
+    """A ~0.8B-parameter Llama (`SHARDED_MODEL`, the tiny tokenizer) saved in bfloat16: (its dir, parameters)."""
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.config import TinyModelConfig
+    from posttrain.models.loading import tiny_llama_config
+
+    _, tokenizer = tiny_policy_dir(context)
+    out = work_dir(context) / "sharded-policy"
+    config = tiny_llama_config(TinyModelConfig(**SHARDED_MODEL), tokenizer)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    parameters = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    del model
+    return out, parameters
+
+
+def check_sharded_load(context: dict) -> str:
+    """Host memory of ZeRO-3 loading across the GPUs: a ~0.8B model saved in bfloat16, loaded as float32 (a cast,
+    so nothing stays a lazy view on the file), then 2 steps. Each rank's own host memory (peak RssAnon) may grow
+    by less than half a float32 copy over the same run of the tiny model with `model.sharded_init=true`; with
+    it false (every rank casts a whole copy on the host first) it must grow by at least 0.8 of a copy, which shows
+    the measurement sees a materialised copy."""
+    need("hydra", "install posttrain (hydra-core) to run the trainers")
+    need("deepspeed", "install posttrain[gpu] (DeepSpeed)")
+    tiny_dir, _ = tiny_policy_dir(context)
+    big_dir, parameters = sharded_model_dir(context)
+    copy = parameters * 4  # one float32 copy, bytes
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.setdefault("WANDB_MODE", "offline")
+
+    def peak(name: str, path: Path, sharded: bool) -> int:
+        overrides = [
+            f"run_dir={work_dir(context) / name}", "logger.progress_bar=false", "deepspeed=zero3",
+            f"model.path={path}", "model.dtype=float32", f"model.sharded_init={str(sharded).lower()}",
+            "train.max_steps=2", "data.num_eval=0", "checkpoint.every=0",
+        ]  # fmt: skip
+        return peak_anon_rss([*posttrain_command(max(context["gpus"], 1)), *overrides], env, timeout=900)[0]
+
+    base, on, off = peak("rss-tiny", tiny_dir, True), peak("rss-on", big_dir, True), peak("rss-off", big_dir, False)
+    gib = 2**30
+    summary = (
+        f"{parameters / 1e9:.2f}B params, fp32 copy {copy / gib:.1f} GiB; peak RssAnon of a rank over the tiny run: "
+        f"sharded_init on +{(on - base) / gib:.2f} GiB ({(on - base) / copy:.2f} copy), "
+        f"off +{(off - base) / gib:.2f} GiB ({(off - base) / copy:.2f} copy), {context['gpus']} GPU(s)"
+    )
+    if off - base < 0.8 * copy:
+        raise AssertionError(f"the control did not see the whole copy sharded_init=false casts: {summary}")
+    if on - base >= 0.5 * copy:
+        raise AssertionError(f"a rank materialised too much host memory while loading partitioned: {summary}")
+    return summary
