@@ -153,10 +153,12 @@ def stage_distill(args, work: Path, fraction: float, name: str) -> None:
 
 
 def curves(run_dir: Path) -> dict[str, list]:
+    """Every eval point of a run: the METRICS and the per-divergence distances beside them (forward KL, reverse KL,
+    JSD(0.5) to the teacher and the oracle), plus the training loss at every step."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    out = {"step": [r["step"] for r in rows if "teacher_distance" in r]}
-    for key in METRICS:
-        out[key] = [r[key] for r in rows if "teacher_distance" in r]
+    evals = [r for r in rows if "teacher_distance" in r]
+    keys = [*METRICS, *(key for key in evals[0] if key.endswith(("_forward_kl", "_reverse_kl", "_jsd")))]
+    out = {"step": [r["step"] for r in evals], **{key: [r[key] for r in evals] for key in keys}}
     out["loss"] = [[r["step"], r["loss"]] for r in rows if "loss" in r]
     return out
 
@@ -177,23 +179,23 @@ def stage_plot(args, work: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = {name: curves(work / name) for name in ("offline", "online")}
+    results = {name: curves(work / name) for name in ("offline", "online") if (work / name / "metrics.jsonl").exists()}
     for result in results.values():
         result["signature"] = {prefix or "student_": hacking_signature(result, prefix) for prefix in ("", "dataset_")}
     held_out = {"ground_truth": "ground-truth", "oracle": "oracle-sampled", "teacher": "teacher-sampled"}[args.held_out]
     figure, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for axis, prefix, title in ((axes[0], "", "on the student's samples of held-out prompts"),
                                 (axes[1], "dataset_", f"on {held_out} held-out responses")):  # fmt: skip
-        for name, style in (("offline", "-"), ("online", "--")):
-            result = results[name]
+        for name, result in results.items():
+            style = {"offline": "-", "online": "--"}[name]
             axis.plot(result["step"], result[prefix + "teacher_distance"], style, color="C0", label=f"{name}: teacher")
             axis.plot(result["step"], result[prefix + "oracle_distance"], style, color="C3", label=f"{name}: oracle")
         axis.set(title=title, xlabel="optimizer step", ylabel="per-token KL(p || student), nats", yscale="log")
         axis.legend()
-    for name, style in (("offline", "o-"), ("online", "s--")):  # the paper's proxy-golden plot (its Figure 4)
-        result = results[name]
+    for name, result in results.items():  # the paper's proxy-golden plot (its Figure 4)
+        style = {"offline": "o-", "online": "s--"}[name]
         axes[2].plot(result["dataset_teacher_distance"], result["dataset_oracle_distance"], style, label=name)
-    axes[2].set(title="proxy vs golden on held-out responses (as in the paper's Fig. 4)", xscale="log",
+    axes[2].set(title="held-out responses: proxy vs golden (paper Fig. 4)", xscale="log",
                 yscale="log", xlabel="proxy: KL(teacher || student)",
                 ylabel="golden: KL(oracle || student)")  # fmt: skip
     axes[2].legend()
