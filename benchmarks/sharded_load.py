@@ -93,21 +93,35 @@ class SplitPeaks:
         return peaks
 
 
-def tag(algo: str, sharded_init: str, small_buckets: bool) -> str:
-    return f"{algo}-{sharded_init}{'-small_buckets' if small_buckets else ''}"
+def tag(algo: str, sharded_init: str, small_buckets: bool, stored: str = "float32") -> str:
+    cast = "" if stored == "float32" else f"-{stored}_file"
+    return f"{algo}-{sharded_init}{'-small_buckets' if small_buckets else ''}{cast}"
 
 
-def prepare(workdir: Path) -> Path:
-    """The benchmark model directory, built once."""
-    model_dir = workdir / "model"
-    if (model_dir / "model.safetensors").exists():
-        return model_dir
-    sys.path.insert(0, str(REPO_ROOT))
-    from common import arithmetic_tokenizer, save_tiny_llama
+def model_dir(workdir: Path, stored: str) -> Path:
+    return workdir / ("model" if stored == "float32" else f"model-{stored}")
 
-    model = save_tiny_llama(model_dir, arithmetic_tokenizer(), SIZE, seed=0)
-    print(f"saved {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters to {model_dir}", flush=True)
-    return model_dir
+
+def prepare(workdir: Path, stored: str = "float32") -> Path:
+    """The benchmark model directory (the float32 one; with `stored` bfloat16 also a bf16 copy), built once."""
+    directory = model_dir(workdir, "float32")
+    if not (directory / "model.safetensors").exists():
+        sys.path.insert(0, str(REPO_ROOT))
+        from common import arithmetic_tokenizer, save_tiny_llama
+
+        model = save_tiny_llama(directory, arithmetic_tokenizer(), SIZE, seed=0)
+        print(f"saved {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters to {directory}", flush=True)
+    if stored == "float32":
+        return directory
+    cast_dir = model_dir(workdir, stored)
+    if not (cast_dir / "model.safetensors").exists():
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        dtype = getattr(torch, stored)
+        AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).save_pretrained(cast_dir)
+        AutoTokenizer.from_pretrained(directory).save_pretrained(cast_dir)
+    return cast_dir
 
 
 def worker(args) -> None:
@@ -152,7 +166,7 @@ def worker(args) -> None:
         setattr(trainer_module, name, wrapped)
     register_configs()
     overrides = [
-        f"model.path={args.workdir / 'model'}",
+        f"model.path={model_dir(args.workdir, args.stored_dtype)}",
         f"model.sharded_init={args.sharded_init}",
         "model.dtype=float32",
         "model.gradient_checkpointing=false",
@@ -162,7 +176,7 @@ def worker(args) -> None:
         "train.max_steps=1",
         "data.num_eval=0",
         "checkpoint.every=0",
-        f"run_dir={args.workdir / f'run-{tag(args.algo, args.sharded_init, args.small_buckets)}'}",
+        f"run_dir={args.workdir / f'run-{tag(args.algo, args.sharded_init, args.small_buckets, args.stored_dtype)}'}",
     ]
     if args.small_buckets:
         overrides.append(SMALL_BUCKETS)
@@ -176,7 +190,8 @@ def worker(args) -> None:
     trainer = algorithm.entry(start_run(cfg, algorithm))
     trainer.train_step(0)
     record("first step")
-    out = args.workdir / f"rank{os.environ['RANK']}-{tag(args.algo, args.sharded_init, args.small_buckets)}.json"
+    run_tag = tag(args.algo, args.sharded_init, args.small_buckets, args.stored_dtype)
+    out = args.workdir / f"rank{os.environ['RANK']}-{run_tag}.json"
     out.write_text(json.dumps(phases))
 
 
@@ -187,7 +202,7 @@ def launch(args, sharded_init: bool) -> list[list[dict]]:
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
         str(Path(__file__).resolve()), "--worker", "--workdir", str(args.workdir), "--algo", args.algo,
         "--sharded-init", str(sharded_init).lower(), *(["--small-buckets"] if args.small_buckets else []),
-        *(["--trim-phases"] if args.trim_phases else []),
+        *(["--trim-phases"] if args.trim_phases else []), "--stored-dtype", args.stored_dtype,
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode != 0:
@@ -195,7 +210,8 @@ def launch(args, sharded_init: bool) -> list[list[dict]]:
     return [
         json.loads(
             (
-                args.workdir / f"rank{rank}-{tag(args.algo, str(sharded_init).lower(), args.small_buckets)}.json"
+                args.workdir
+                / f"rank{rank}-{tag(args.algo, str(sharded_init).lower(), args.small_buckets, args.stored_dtype)}.json"
             ).read_text()
         )
         for rank in range(2)
@@ -227,6 +243,12 @@ def main() -> None:
     parser.add_argument(
         "--trim-phases", action="store_true", help="read 'after' once malloc_trim(0) handed freed heap back"
     )
+    parser.add_argument(
+        "--stored-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="the checkpoint's dtype; bfloat16: loaded as float32, a cast, so no parameter stays a view on the file",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--sharded-init", default="true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -234,15 +256,17 @@ def main() -> None:
         worker(args)
         return
     args.workdir.mkdir(parents=True, exist_ok=True)
-    prepare(args.workdir)
+    prepare(args.workdir, args.stored_dtype)
     results = {mode: launch(args, mode == "on") for mode in args.modes}
     print(
-        f"algo={args.algo}, small_buckets={args.small_buckets}, ZeRO-3, 2 CPU ranks, fp32 model of 808 MB, "
+        f"algo={args.algo}, small_buckets={args.small_buckets}, stored {args.stored_dtype} loaded as float32, "
+        "ZeRO-3, 2 CPU ranks, fp32 model of 808 MB, "
         f"memory in MB; load average "
         f"{os.getloadavg()[0]:.1f}"
     )
     print(table(results))
-    name = f"sharded_load-{args.algo}{'-small_buckets' if args.small_buckets else ''}.json"
+    cast = "" if args.stored_dtype == "float32" else f"-{args.stored_dtype}_file"
+    name = f"sharded_load-{args.algo}{'-small_buckets' if args.small_buckets else ''}{cast}.json"
     (args.workdir / name).write_text(json.dumps(results, indent=1))
 
 
