@@ -21,10 +21,10 @@ costs ~250 KiB of copying per row: ~450 us a row against ~7 us here):
   similar rows and costs ~30% more here, with the same selections in the tests);
 - every row is compressed once for C(x), all rows through ONE compressor with a full flush between rows (a full
   flush forgets the history, so each row's bytes are those of a fresh compressor; tested).
-Speed, honestly (benchmarks/zipfit.py): at ~60-byte rows each of the two compressions a row needs costs ~3-4 us
-in CPython (call and output-buffer overhead, not DEFLATE work): ZIP-FIT is 1.0-1.2x as fast as the DSIR-style
-baseline (`--method dsir`) but 0.78-0.82x the speed of the plain word 1-2-gram set overlap (`--method ngram`);
-on ~1.6 KB rows ZIP-FIT and the overlap baseline tie.
+Speed, honestly (benchmarks/zipfit.py, one thread): the compiled batch scorer (csrc/zipfit_ncd.cpp, the same
+sizes byte for byte) takes ~7.5 us a row at ~80-byte rows, 1.2x this module's Python path and 1.3x the DSIR-style
+baseline (`--method dsir`), but 0.92-0.94x the speed of the plain word 1-2-gram set overlap (`--method ngram`):
+the cost is zlib's own (a flushed block per row, ~3.8 us for C(x) alone), not CPython's.
 C(s) here is raw DEFLATE ended by a sync flush (the bytes that transmit s, byte-aligned): C(t x) = C(t) +
 the bytes x adds after t. It stays within ~5% of len(zlib.compress(s)) (headers, the flush marker and, with the
 small buffers, more Huffman blocks; tested).
@@ -103,20 +103,35 @@ def target_chunks(texts: Sequence[str], chunks: int, chunk_bytes: int, seed: int
 
 
 class CompressionScorer:
-    """ZIP-FIT alignment 1 - NCD(t, x), averaged over the target chunks t (module docstring for the tricks)."""
+    """ZIP-FIT alignment 1 - NCD(t, x), averaged over the target chunks t (module docstring for the tricks).
 
-    def __init__(self, chunks: Sequence[bytes], level: int = 1, window_bits: int = 12, mem_level: int = 1):
+    `native`: None uses the compiled scorer (data_recipes/zipfit_native.py) when it builds and is not disabled by
+    POSTTRAIN_DISABLE_ZIPFIT_NATIVE, else this module's Python path; True requires it; False never uses it. Both
+    give the same sizes, byte for byte; `backend` says which one runs ("native" or "python")."""
+
+    def __init__(self, chunks: Sequence[bytes], level: int = 1, window_bits: int = 12, mem_level: int = 1,
+                 native: bool | None = None):  # fmt: skip
         if not 9 <= window_bits <= 15 or not 1 <= mem_level <= 9:
             raise ValueError(f"window_bits={window_bits} must be in 9..15 and mem_level={mem_level} in 1..9")
         limit = (1 << window_bits) - LOOKAHEAD
         if max(len(chunk) for chunk in chunks) > limit:
             raise ValueError(f"a target chunk is longer than the {limit} bytes a {window_bits}-bit window reaches")
+        self.chunks = list(chunks)
         self.settings = (level, zlib.DEFLATED, -window_bits, mem_level)
         self.targets = []  # (compressor after the chunk, C(chunk))
-        for chunk in chunks:
+        for chunk in self.chunks:
             compressor = zlib.compressobj(*self.settings)
             size = len(compressor.compress(chunk)) + len(compressor.flush(zlib.Z_SYNC_FLUSH))
             self.targets.append((compressor, size))
+        self.native = None
+        if native is not False:
+            from data_recipes.zipfit_native import DISABLE_ENV_VAR, build_failure, load_native_sizes
+
+            self.native = load_native_sizes()
+            if native and self.native is None:
+                reason = build_failure() or f"{DISABLE_ENV_VAR} is set"
+                raise RuntimeError(f"the native ZIP-FIT scorer is unavailable: {reason}")
+        self.backend = "python" if self.native is None else "native"
 
     def sizes(self, texts: Sequence[bytes]) -> list[int]:
         """C(x) of every row: one compressor, a full flush (history forgotten) after each row."""
@@ -124,19 +139,35 @@ class CompressionScorer:
         compress, flush, full = stream.compress, stream.flush, zlib.Z_FULL_FLUSH
         return [len(compress(x)) + len(flush(full)) for x in texts]
 
+    def joint_sizes(self, texts: Sequence[bytes]) -> list[list[int]]:
+        """C(t x) of every row for each target chunk t: a copy of the state after t, per row."""
+        out = []
+        for compressor, target_size in self.targets:
+            copy, sync = compressor.copy, zlib.Z_SYNC_FLUSH
+            # C(t x) = C(t) + what x adds after t; each row gets its own copy of the state after t
+            out.append([target_size + len(c.compress(x)) + len(c.flush(sync)) for x in texts for c in (copy(),)])
+        return out
+
+    def compressed_sizes(self, texts: Sequence[str]):
+        """(C(x) [rows], C(t x) [chunks, rows]) as int64 numpy arrays, from the active backend."""
+        import numpy as np
+
+        if self.native is not None:
+            level, _, window_bits, mem_level = self.settings
+            _, sizes, joint = self.native.compressed_sizes(self.chunks, texts, level, -window_bits, mem_level)
+            return sizes, joint
+        encoded = [text.encode() for text in texts]
+        return np.array(self.sizes(encoded), dtype=np.int64), np.array(self.joint_sizes(encoded), dtype=np.int64)
+
     def scores(self, texts: Sequence[str]) -> list[float]:
         """Alignment of each text, in [about 0, 1]: higher = closer to the target."""
         import numpy as np
 
-        encoded = [text.encode() for text in texts]
-        sizes = np.array(self.sizes(encoded), dtype=np.float64)
-        total = np.zeros(len(encoded))
-        for compressor, target_size in self.targets:
-            copy, sync = compressor.copy, zlib.Z_SYNC_FLUSH
-            # C(t x) = C(t) + what x adds after t; each row gets its own copy of the state after t
-            added = [len(c.compress(x)) + len(c.flush(sync)) for x in encoded for c in (copy(),)]
-            joint = np.array(added, dtype=np.float64) + target_size
-            total += (joint - np.minimum(target_size, sizes)) / np.maximum(target_size, sizes)
+        sizes, joint = self.compressed_sizes(texts)
+        sizes = sizes.astype(np.float64)
+        total = np.zeros(len(texts))
+        for (_, target_size), joint_row in zip(self.targets, joint.reshape(len(self.targets), len(texts))):
+            total += (joint_row - np.minimum(target_size, sizes)) / np.maximum(target_size, sizes)
         return (1.0 - total / len(self.targets)).tolist()
 
 
@@ -199,11 +230,12 @@ class HashedNgramImportance:
 
 
 def build_scorer(method: str, target_texts: Sequence[str], chunks: int = 1, chunk_bytes: int | None = None,
-                 seed: int = 0, window_bits: int = 12):  # fmt: skip
-    """The scorer of `method` (zipfit | ngram) for the target rows' texts."""
+                 seed: int = 0, window_bits: int = 12, native: bool | None = None):  # fmt: skip
+    """The scorer of `method` (zipfit | ngram | dsir) for the target rows' texts (`native`: CompressionScorer's)."""
     if method == "zipfit":
         size = chunk_bytes or (1 << window_bits) - LOOKAHEAD
-        return CompressionScorer(target_chunks(target_texts, chunks, size, seed), window_bits=window_bits)
+        chunk_texts = target_chunks(target_texts, chunks, size, seed)
+        return CompressionScorer(chunk_texts, window_bits=window_bits, native=native)
     if method == "ngram":
         return NgramScorer(target_texts)
     if method == "dsir":
@@ -226,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunks", type=int, default=1, help="zipfit: target samples averaged over (default 1)")
     parser.add_argument("--window-bits", type=int, default=12, help="zipfit: DEFLATE window 2^bits (default 12)")
     parser.add_argument("--seed", type=int, default=0, help="zipfit: which target rows form the sample")
+    parser.add_argument("--scorer", default="auto", choices=("auto", "native", "python"),
+                        help="zipfit: compiled if it builds (auto), compiled or fail (native), or Python")  # fmt: skip
     parser.add_argument("--report", type=Path, help="JSON: method, counts, seconds, kept rows' scores")
     args = parser.parse_args(argv)
     if args.keep < 1:
@@ -233,15 +267,17 @@ def main(argv: list[str] | None = None) -> int:
     target = [row_text(r.row) for r in read_rows(args.target, "target")]
     pool = read_rows(args.pool, "pool")
     started = time.perf_counter()
-    scorer = build_scorer(args.method, target, args.chunks, None, args.seed, args.window_bits)
+    native = {"auto": None, "native": True, "python": False}[args.scorer]
+    scorer = build_scorer(args.method, target, args.chunks, None, args.seed, args.window_bits, native)
     scores = scorer.scores([row_text(r.row) for r in pool])
     kept = top_rows(scores, args.keep)
     seconds = time.perf_counter() - started
     write_jsonl(args.out, (pool[i].row for i in kept))
-    report = {"method": args.method, "pool_rows": len(pool), "kept_rows": len(kept), "seconds": seconds,
-              "kept_scores": [scores[i] for i in kept]}  # fmt: skip
+    backend = getattr(scorer, "backend", "python")  # the n-gram baselines are Python
+    report = {"method": args.method, "scorer": backend, "pool_rows": len(pool), "kept_rows": len(kept),
+              "seconds": seconds, "kept_scores": [scores[i] for i in kept]}  # fmt: skip
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)
         args.report.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{args.method}: kept {len(kept)} of {len(pool)} pool rows in {seconds:.2f} s -> {args.out}")
+    print(f"{args.method} ({backend}): kept {len(kept)} of {len(pool)} pool rows in {seconds:.2f} s -> {args.out}")
     return 0
