@@ -4,7 +4,8 @@
     python benchmarks/profile_step.py --algo dpo --tokens 128 512         # 16 pairs of 128-512-token responses
     python benchmarks/profile_step.py --algo sft --tokens 256 512         # 8 conversations of 256-512 tokens
     python benchmarks/profile_step.py --algo rlvr                         # 8 prompts x 8 samples, hf rollout
-    python benchmarks/profile_step.py --algo dpo --no-row-layout          # the packed row as one N x N-masked row
+    python benchmarks/profile_step.py --algo dpo --packed-rows layout     # the packed row laid out as padded rows
+    python benchmarks/profile_step.py --algo dpo --packed-rows mask       # the packed row as one N x N-masked row
 
 The model is the benchmark Llama (--hidden 512, --layers 8, --vocab 8192, fp32, random weights, seed 0) with a
 BPE tokenizer trained on the arithmetic task; data: the arithmetic task's pairs / conversations / prompts, or with
@@ -13,8 +14,10 @@ trainer runs through the trainer-core API (`start_run` + the registered class) i
 unprofiled steps, --steps steps run under torch.profiler (CPU activities). Printed: the median step time, the
 step's tokens, and self CPU time per kind of work -- GEMMs (mm/addmm/bmm), attention (the sdpa kernels), the
 fused log-prob head (posttrain::*), the optimizer step (ops inside torch's `Optimizer.step`), everything else
-(element-wise ops, norms, copies, Python) -- then the --top ops. `--no-row-layout` turns off
-`posttrain.models.attention.row_layout` (the before of the packed-row fix). Shares are valid under load;
+(element-wise ops, norms, copies, Python) -- then the --top ops. `--packed-rows` picks how sdpa runs a packed
+row (`posttrain.models.attention`): `split` (the default, `PACKED_SDPA`: attention per sequence, the rest on the
+packed row), `layout` (the whole decoder on rows of the longest sequence, `row_layout`: the previous default),
+`mask` (one row attended through an N x N block mask: before both). Shares are valid under load;
 absolute times are not (run it on a quiet machine and record `uptime`).
 """
 
@@ -149,7 +152,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=12)
-    parser.add_argument("--no-row-layout", action="store_true", help="packed rows as one N x N-masked row")
+    parser.add_argument("--packed-rows", choices=("split", "layout", "mask"), default="split", help="see above")
     parser.add_argument("--out", type=Path, help="write the breakdown as JSON here")
     args = parser.parse_args()
     args.batch = args.batch or {"dpo": 16, "sft": 8, "rlvr": 8}[args.algo]
@@ -167,7 +170,9 @@ def main() -> None:
     from posttrain.trainers import get_algorithm
     from posttrain.training import start_run
 
-    if args.no_row_layout:
+    if args.packed_rows in ("layout", "mask"):
+        attention.PACKED_MODEL_TYPES = ()  # models stay on sdpa: decoder_hidden_states lays rows out
+    if args.packed_rows == "mask":
         attention.row_layout = lambda position_ids, hidden_size: None
     workdir = Path(tempfile.mkdtemp(prefix="profile_step-"))
     overrides = prepare(workdir, args)
@@ -188,7 +193,7 @@ def main() -> None:
     kinds, top = breakdown(profiler)
     total = sum(kinds.values())
     print(f"# {args.algo}: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, batch {args.batch}, "
-          f"tokens {args.tokens or 'arithmetic'}, row layout {'off' if args.no_row_layout else 'on'}; "
+          f"tokens {args.tokens or 'arithmetic'}, packed rows: {args.packed_rows}; "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")  # fmt: skip
     print(
         f"median step {statistics.median(times):.2f} s, ~{statistics.median(tokens):.0f} tokens/step; "

@@ -5,7 +5,10 @@ sdpa otherwise, and logs the choice. posttrain packs a micro-batch's sequences i
 restart at 0 for each sequence (`posttrain.data.batching.collate_packed`) and passes no attention mask:
 under flash_attention_2 transformers turns those position ids into the varlen kernel's cumulative sequence
 lengths (padding-free, no N x N mask). Other kernels (sdpa, eager) would attend through an N x N block-diagonal
-mask, so `decoder_hidden_states` lays such a row out as rows of its longest sequence first (`row_layout`).
+mask. Models that posttrain loads with sdpa run `PACKED_SDPA` instead (`use_packed_sdpa`): the decoder
+keeps the packed row, and only attention splits it, one causal sdpa call per sequence (`packed_sdpa_attention`).
+Elsewhere (eager, models built outside posttrain, unknown model types) `decoder_hidden_states` lays such a row out
+as rows of its longest sequence first (`row_layout`), at the cost of the rows' padding in every layer.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 log = logging.getLogger("posttrain")
 
@@ -52,6 +58,53 @@ def resolve_attn_implementation(requested: str) -> str:
 # Kernels that take a packed row's sequence boundaries from position_ids and attend within each sequence
 # only (varlen): one long row costs them nothing extra.
 VARLEN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
+
+# sdpa that also attends within each sequence of a packed row, given the row's `packed_sequence_lengths`.
+PACKED_SDPA = "posttrain_packed_sdpa"
+# Model types whose attention calls the registered attention function with the forward's kwargs (the
+# transformers "functional" attention): they pass `packed_sequence_lengths` through to it.
+PACKED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def packed_sdpa_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, packed_sequence_lengths=None, **kwargs
+):
+    """transformers' sdpa attention (query [B, heads, T, d], key / value [B, kv heads, T, d] -> [B, T, heads, d]),
+    and with `packed_sequence_lengths` (a list summing to T, B = 1, no mask) one causal sdpa call per sequence of
+    the packed row, outputs concatenated: no N x N mask, no padding, attention work sum(L^2) instead of N^2.
+    Scaling, dropout and grouped-query heads are sdpa_attention_forward's own, call by call."""
+    if packed_sequence_lengths is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if attention_mask is not None or query.shape[0] != 1 or sum(packed_sequence_lengths) != query.shape[2]:
+        raise ValueError(
+            f"packed_sequence_lengths (summing to {sum(packed_sequence_lengths)}) describe one packed row without "
+            f"an attention mask; got query {tuple(query.shape)} and a mask: {attention_mask is not None}"
+        )
+    kwargs.pop("is_causal", None)
+    outputs = [
+        sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=True, **kwargs)[0]
+        for q, k, v in zip(
+            query.split(packed_sequence_lengths, 2),
+            key.split(packed_sequence_lengths, 2),
+            value.split(packed_sequence_lengths, 2),
+        )
+    ]
+    return torch.cat(outputs, 1), None
+
+
+AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)  # without packed_sequence_lengths it is plain sdpa
+
+
+def use_packed_sdpa(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` switched from sdpa to `PACKED_SDPA` when its type is known to pass the forward's kwargs to its
+    attention function (`PACKED_MODEL_TYPES`); any other model unchanged. Returns the model."""
+    config = model.config
+    if config._attn_implementation == "sdpa" and getattr(config, "model_type", None) in PACKED_MODEL_TYPES:
+        model.set_attn_implementation(PACKED_SDPA)
+    return model
 
 
 @dataclass(frozen=True)
@@ -136,15 +189,30 @@ def to_rows(layout: RowLayout, input_ids: torch.Tensor, position_ids: torch.Tens
 def decoder_hidden_states(decoder, input_ids, position_ids=None, attention_mask=None) -> torch.Tensor:
     """The decoder's final hidden states [B, T, H] for `input_ids` [B, T]. A packed row ([1, N], restarting
     position_ids, no mask) under a kernel without varlen support runs as rows of its longest sequence
-    (`row_layout`); the states come back in packed order, so the caller cannot tell."""
+    (`row_layout`), or under `PACKED_SDPA` as the one row with attention split per sequence; the states come back
+    in packed order, so the caller cannot tell."""
     layout = None
     implementation = getattr(decoder.config, "_attn_implementation", None)
-    if (
+    packed = (
         attention_mask is None
         and position_ids is not None
         and input_ids.shape[0] == 1
         and implementation not in VARLEN_IMPLEMENTATIONS
-    ):
+    )
+    if packed and implementation == PACKED_SDPA:
+        lengths = sequence_lengths(position_ids[0].cpu())
+        if len(lengths) > 1:
+            # An all-ones 2D mask keeps transformers from building the N x N block mask of the packed row (it
+            # then relies on is_causal); the sequence boundaries reach attention as packed_sequence_lengths.
+            output = decoder(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                attention_mask=torch.ones_like(input_ids),
+                use_cache=False,
+                packed_sequence_lengths=lengths,
+            )
+            return output.last_hidden_state
+    elif packed:
         layout = row_layout(position_ids.cpu(), getattr(decoder.config, "hidden_size", 0))
     if layout is None:
         # use_cache=False is load-bearing: transformers builds the block-diagonal mask of packed rows from

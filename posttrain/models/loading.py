@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
 from posttrain.errors import ConfigError
-from posttrain.models.attention import resolve_attn_implementation
+from posttrain.models.attention import resolve_attn_implementation, use_packed_sdpa
 from posttrain.models.tokenizer import CHAT_TEMPLATE, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -174,6 +174,7 @@ def load_model(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    use_packed_sdpa(model)
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

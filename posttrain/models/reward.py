@@ -40,7 +40,7 @@ from posttrain.data.chat import render_ids
 from posttrain.data.preference import PreferenceExample, collate_pairs, tokenize_response
 from posttrain.errors import ConfigError
 from posttrain.losses.preference import gpm_score, gpm_score_matrix
-from posttrain.models.attention import decoder_hidden_states, resolve_attn_implementation
+from posttrain.models.attention import decoder_hidden_states, resolve_attn_implementation, use_packed_sdpa
 from posttrain.models.loading import tiny_llama_config, torch_dtype
 from posttrain.models.logprob_model import base_causal_lm
 
@@ -154,6 +154,7 @@ def build_reward_model(model_cfg, tokenizer, seed: int, head_config: RewardHeadC
             config.num_labels = head_config.output_dim
             config._attn_implementation = attn_implementation
             classifier = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+        use_packed_sdpa(classifier)
         nn.init.normal_(classifier.score.weight, std=classifier.config.hidden_size**-0.5)  # seeded, O(1) outputs
         model = RewardModel(classifier, head_config)
         if model.gate is not None:

@@ -57,8 +57,9 @@ def test_policy_and_reward_model_are_built_with_the_resolved_kernel(tmp_path, ti
     monkeypatch.setattr(attention, "cuda_available", lambda: False)  # this machine's answer, also on a GPU box
     policy = load_model(cfg.model, tiny_tokenizer, seed=0)
     reward = build_reward_model(cfg.model, tiny_tokenizer, 0, RewardHeadConfig())
-    assert policy.config._attn_implementation == "sdpa"
-    assert reward.classifier.config._attn_implementation == "sdpa"
+    # sdpa, as its per-sequence variant for packed rows (the tiny model is a Llama: `use_packed_sdpa`)
+    assert policy.config._attn_implementation == attention.PACKED_SDPA
+    assert reward.classifier.config._attn_implementation == attention.PACKED_SDPA
 
 
 def test_tulu3_recipes_ask_for_auto(tmp_path):

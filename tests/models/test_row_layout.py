@@ -1,13 +1,20 @@
-"""Packed rows laid out as rows of their longest sequence (`posttrain.models.attention.row_layout`): the decoder
-states and their gradients equal those of each sequence run on its own (the reference), and the layout packs."""
+"""Packed rows without a varlen kernel: laid out as rows of their longest sequence (`row_layout`), or kept whole
+with attention split per sequence (`PACKED_SDPA`). Either way the decoder states and their gradients equal those
+of each sequence run on its own (the reference, float64), and the layout packs."""
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaModel
+from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaModel, Qwen2Config, Qwen2Model
 
 from posttrain.data.batching import collate_packed
 from posttrain.data.chat import TokenizedExample
-from posttrain.models.attention import decoder_hidden_states, row_layout, sequence_lengths
+from posttrain.models.attention import (
+    PACKED_SDPA,
+    decoder_hidden_states,
+    row_layout,
+    sequence_lengths,
+    use_packed_sdpa,
+)
 
 
 def packed_positions(lengths):
@@ -93,3 +100,80 @@ def test_varlen_kernels_keep_the_single_row():
         recorder = Recorder(implementation)
         assert decoder_hidden_states(recorder, ids, positions).shape == (1, 9, 2)
         assert recorder.shapes == [shape], implementation
+
+
+def tiny_decoder(kind: str, attn_implementation: str = "sdpa", heads: int = 4, kv_heads: int = 2):
+    torch.manual_seed(0)
+    sizes = dict(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, max_position_embeddings=64, attn_implementation=attn_implementation,
+    )  # fmt: skip
+    config, model = {"llama": (LlamaConfig, LlamaModel), "qwen2": (Qwen2Config, Qwen2Model)}[kind]
+    return use_packed_sdpa(model(config(**sizes)).double())
+
+
+def states_and_grads(decoder, forward, weights):
+    """(states, gradient of sum(states * weights) for every parameter) of `forward()`."""
+    decoder.zero_grad()
+    states = forward()
+    (states * weights).sum().backward()
+    return states.detach(), [parameter.grad.clone() for parameter in decoder.parameters()]
+
+
+@pytest.mark.parametrize(
+    ("kind", "heads", "kv_heads", "lengths", "checkpointing"),
+    [
+        ("llama", 4, 2, [7, 3, 11, 1, 2, 9, 5], False),  # grouped-query heads, mixed lengths, a 1-token sequence
+        ("llama", 4, 4, [12, 4, 4], True),  # multi-head, gradient checkpointing recomputes attention in backward
+        ("qwen2", 4, 1, [6, 13, 2], False),  # another model type (q/k/v biases), one key-value head
+        ("llama", 4, 2, [10], False),  # a single sequence: plain causal sdpa
+    ],
+)
+def test_packed_sdpa_equals_each_sequence_on_its_own(kind, heads, kv_heads, lengths, checkpointing):
+    decoder = tiny_decoder(kind, heads=heads, kv_heads=kv_heads)
+    assert decoder.config._attn_implementation == PACKED_SDPA
+    if checkpointing:
+        decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    decoder.train()  # dropout is 0: train mode only exercises the checkpointed path
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 64, (1, sum(lengths)), generator=generator)
+    positions = packed_positions(lengths)
+    weights = torch.randn(1, sum(lengths), 32, generator=generator, dtype=torch.float64)
+    calls = []
+    attention = decoder.layers[0].self_attn
+    original = attention.forward
+    attention.forward = lambda *args, **kwargs: (
+        calls.append(kwargs.get("packed_sequence_lengths")) or original(*args, **kwargs)
+    )
+    packed, packed_grads = states_and_grads(decoder, lambda: decoder_hidden_states(decoder, ids, positions), weights)
+    attention.forward = original
+    # Layers see the one packed row (no re-layout), with the sequence boundaries when there is more than one.
+    assert calls[0] == (lengths if len(lengths) > 1 else None)
+
+    def reference():
+        pieces = ids.split(lengths, 1)
+        return torch.cat([decoder(input_ids=piece, use_cache=False).last_hidden_state for piece in pieces], 1)
+
+    expected, expected_grads = states_and_grads(decoder, reference, weights)
+    torch.testing.assert_close(packed, expected, atol=1e-10, rtol=1e-9)
+    for ours, theirs in zip(packed_grads, expected_grads):
+        torch.testing.assert_close(ours, theirs, atol=1e-10, rtol=1e-9)
+
+
+def test_packed_sdpa_without_sequence_lengths_is_sdpa():
+    # A padded batch with its mask (generation, padded collation) runs transformers' sdpa unchanged.
+    packed, plain = tiny_decoder("llama").eval(), tiny_decoder("llama").eval()
+    plain.set_attn_implementation("sdpa")
+    ids = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    ours = decoder_hidden_states(packed, ids, attention_mask=mask)
+    theirs = decoder_hidden_states(plain, ids, attention_mask=mask)
+    assert plain.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
+
+
+def test_packed_sdpa_only_for_known_model_types_under_sdpa():
+    assert tiny_decoder("llama", "eager").config._attn_implementation == "eager"  # eager keeps the row layout
+    gpt2 = use_packed_sdpa(GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2, attn_implementation="sdpa")))
+    assert gpt2.config._attn_implementation == "sdpa"  # its attention is not known to forward the lengths
