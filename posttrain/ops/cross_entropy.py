@@ -19,7 +19,7 @@ OP = "posttrain::fused_linear_cross_entropy"
 
 # Largest [chunk_tokens, V] fp32 logits tile per device type: the op holds one (plus, on CUDA with bf16 / fp16
 # inputs, a half-size copy of it for the tensor-core GEMMs). 64 MiB keeps a CPU step's extra memory small next to
-# grad_weight; a GPU wants larger GEMMs (M = chunk rows): 256 rows at V = 128k, 1024 at V = 32k.
+# grad_weight; a GPU wants larger GEMMs (M = chunk rows): 261 rows at V = 128256, 1048 at V = 32000.
 CHUNK_BYTES = {"cpu": 64 * 2**20, "cuda": 128 * 2**20}
 
 
