@@ -39,6 +39,9 @@ class ModelConfig:
         "sdpa"  # auto (flash_attention_2 on a GPU with flash_attn, else sdpa) | sdpa | eager | ...
     )
     fused_logprobs: bool = True  # log-probs through the fused csrc/ kernel (no [tokens, vocab] logits)
+    # SFT: the token-weighted NLL through the loss-fused csrc/ kernel (gradients formed in the forward, 3 GEMMs
+    # instead of 4); only with fused_logprobs (fused_logprobs=false is the plain path for every trainer)
+    fused_cross_entropy: bool = True
     # ZeRO-3: load model.path's weights (policy and reference) partitioned through transformers' DeepSpeed
     # integration (deepspeed.zero.Init), never whole on one rank; false loads whole copies first (RSS-hungry)
     sharded_init: bool = True

@@ -27,9 +27,15 @@ def sft_loss(
 
     token_logprobs, target_mask: [B, T]; returns (loss, {"nll_sum": detached summed NLL}).
     """
+    nll_sum = -(token_logprobs * target_mask).sum()
+    loss = nll_sum * sft_loss_scale(step_target_tokens=step_target_tokens, reduction=reduction, world_size=world_size)
+    return loss, {"nll_sum": nll_sum.detach()}
+
+
+def sft_loss_scale(*, step_target_tokens: int, reduction: str = "token_mean", world_size: int = 1) -> float:
+    """The factor `sft_loss` multiplies the micro-batch's summed NLL by: world_size / step_target_tokens for
+    token_mean, world_size for sum. Callers that get the summed NLL from elsewhere (the loss-fused kernel,
+    `posttrain.ops.linear_cross_entropy` with the target mask as token weights) scale it by this."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown SFT loss reduction {reduction!r}; known: {', '.join(REDUCTIONS)}")
-    nll_sum = -(token_logprobs * target_mask).sum()
-    denominator = step_target_tokens if reduction == "token_mean" else 1
-    loss = nll_sum * (world_size / denominator)
-    return loss, {"nll_sum": nll_sum.detach()}
+    return world_size / (step_target_tokens if reduction == "token_mean" else 1)

@@ -3,9 +3,9 @@
 Nothing is compiled when `posttrain` is imported: the first `load_fused_extension()` call builds the
 library (about 20-60 s once; ninja and a C++ compiler needed) or loads it from the cache in
 `$TORCH_EXTENSIONS_DIR/<name>` (default `~/.cache/posttrain/torch_extensions/<name>`), and loading it
-registers the `posttrain::fused_linear_logprobs_*` ops. The CUDA sources are added when
-`torch.cuda.is_available()` and CUDA_HOME is set. A failed build emits one warning naming the reason
-and returns None, so callers fall back to the PyTorch reference.
+registers the `posttrain::fused_linear_logprobs_*` and `posttrain::fused_linear_cross_entropy` ops. The CUDA
+sources are added when `torch.cuda.is_available()` and CUDA_HOME is set. A failed build emits one warning
+naming the reason and returns None, so callers fall back to the PyTorch reference.
 """
 
 from __future__ import annotations
@@ -21,8 +21,13 @@ logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).resolve().parents[1] / "csrc"  # package data (the checkout's csrc/ links here)
 DISABLE_ENV_VAR = "POSTTRAIN_DISABLE_FUSED"
-CPU_SOURCES = ("fused_logprobs.cpp",)
-CUDA_SOURCES = ("cuda/fused_logprobs_kernel.cu", "cuda/fused_logprobs_cuda.cpp")
+CPU_SOURCES = ("fused_logprobs.cpp", "linear_cross_entropy.cpp")
+CUDA_SOURCES = (
+    "cuda/fused_logprobs_kernel.cu",
+    "cuda/fused_logprobs_cuda.cpp",
+    "cuda/linear_cross_entropy_kernel.cu",
+    "cuda/linear_cross_entropy_cuda.cpp",
+)
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,9 @@ csrc/fused_logprobs.cpp defines two ops (schemas and CPU kernels; csrc/cuda adds
 - `posttrain::fused_linear_logprobs_backward(...)`, which recomputes the logits tile by tile.
 
 This module registers their fake (meta) kernels, so they trace under torch.compile / FakeTensor, and
-the forward op's autograd formula, whose backward calls the backward op. Registration needs the
-compiled library, so it happens in `load_fused_ops()`, never at import.
+the forward op's autograd formula, whose backward calls the backward op; `load_fused_ops()` also registers
+the library's loss-fused op, `posttrain::fused_linear_cross_entropy` (posttrain/ops/cross_entropy.py).
+Registration needs the compiled library, so it happens in `load_fused_ops()`, never at import.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import threading
 import torch
 
 from posttrain.ops.build import FusedExtension, load_fused_extension
+from posttrain.ops.cross_entropy import register_cross_entropy_op
 
 FORWARD_OP = "posttrain::fused_linear_logprobs_forward"
 BACKWARD_OP = "posttrain::fused_linear_logprobs_backward"
@@ -37,6 +39,7 @@ def load_fused_ops() -> FusedExtension | None:
             torch.library.register_fake(FORWARD_OP)(_forward_fake)
             torch.library.register_fake(BACKWARD_OP)(_backward_fake)
             torch.library.register_autograd(FORWARD_OP, _backward, setup_context=_setup_context)
+            register_cross_entropy_op()
             _registered = True
     return extension
 

@@ -17,7 +17,7 @@ from posttrain.engine import backend
 from posttrain.engine.distributed import all_reduce_max, all_reduce_sum, rank, rank_share, world_size
 from posttrain.engine.export import export_hf
 from posttrain.errors import ConfigError
-from posttrain.losses.sft import REDUCTIONS, sft_loss
+from posttrain.losses.sft import REDUCTIONS, sft_loss, sft_loss_scale
 from posttrain.trainers import register_algo
 from posttrain.training import (
     Run,
@@ -97,17 +97,10 @@ class SFT:
             examples = [self.train_examples[i] for i in indices]
             batch = batch_to(collate(examples, cfg.data.packing, self.tokenizer.pad_token_id), engine.device)
             targets = batch.pop("targets")
-            logprobs, _ = engine(targets=targets, **batch)
-            loss, parts = sft_loss(
-                logprobs,
-                (targets != IGNORE_INDEX).float(),
-                step_target_tokens=step_target_tokens,
-                reduction=cfg.algo.loss_reduction,
-                world_size=world_size(),
-            )
+            micro_nll_sum, loss = self.micro_batch_loss(targets, batch, step_target_tokens)
             engine.backward(loss * weight, scale_wrt_gas=False)
             backend.step(engine, cfg.optim.max_grad_norm)
-            nll_sum += float(parts["nll_sum"]) * weight
+            nll_sum += float(micro_nll_sum) * weight
             local_tokens += weight * int(
                 batch["input_ids"].numel() if cfg.data.packing else batch["attention_mask"].sum()
             )
@@ -124,6 +117,30 @@ class SFT:
             "micro_batches": most,
             "micro_batches_fewest": -fewest,
         }
+
+    def micro_batch_loss(self, targets, batch, step_target_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(detached summed NLL of the micro-batch's targets, its loss scaled for the step; `sft_loss`).
+
+        With model.fused_logprobs and model.fused_cross_entropy the summed NLL comes from the loss-fused kernel
+        (target mask as token weights: it forms the head's gradients in the forward, and the step scale and the
+        micro-batch weight reach them as the upstream gradient); otherwise from per-token log-probs."""
+        cfg = self.cfg
+        scale = sft_loss_scale(
+            step_target_tokens=step_target_tokens, reduction=cfg.algo.loss_reduction, world_size=world_size()
+        )
+        target_mask = (targets != IGNORE_INDEX).float()
+        if cfg.model.fused_logprobs and cfg.model.fused_cross_entropy:
+            summed_nll = self.engine(targets=targets, token_weights=target_mask, **batch)
+            return summed_nll.detach(), summed_nll * scale
+        logprobs, _ = self.engine(targets=targets, **batch)
+        loss, parts = sft_loss(
+            logprobs,
+            target_mask,
+            step_target_tokens=step_target_tokens,
+            reduction=cfg.algo.loss_reduction,
+            world_size=world_size(),
+        )
+        return parts["nll_sum"], loss
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

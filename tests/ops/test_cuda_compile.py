@@ -18,6 +18,7 @@ import pytest
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CUDA_SOURCES = sorted(CSRC.rglob("*.cu"))
+CUDA_BINDINGS = sorted((CSRC / "cuda").glob("*.cpp"))
 NVCC = shutil.which("nvcc")
 
 
@@ -36,8 +37,17 @@ def test_cuda_source_compiles(source, arch, tmp_path):
     assert (tmp_path / "k.o").stat().st_size > 0
 
 
+def test_every_cuda_source_has_a_binding_and_is_built():
+    from posttrain.ops import build
+
+    built = set(build.CUDA_SOURCES)
+    on_disk = {str(path.relative_to(CSRC)) for path in [*CUDA_SOURCES, *CUDA_BINDINGS]}
+    assert CUDA_BINDINGS and on_disk == built, f"csrc/cuda files {sorted(on_disk)} vs build.CUDA_SOURCES {built}"
+
+
 @pytest.mark.skipif(NVCC is None or shutil.which("c++") is None, reason="needs nvcc (CUDA headers) and c++")
-def test_cuda_binding_type_checks_against_installed_torch(tmp_path):
+@pytest.mark.parametrize("binding", CUDA_BINDINGS, ids=lambda path: path.name)
+def test_cuda_binding_type_checks_against_installed_torch(binding, tmp_path):
     import torch.utils.cpp_extension as cpp_extension
 
     homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
@@ -51,6 +61,6 @@ def test_cuda_binding_type_checks_against_installed_torch(tmp_path):
     generated.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
     includes = [str(tmp_path), *cpp_extension.include_paths(), str(cuda_include), sysconfig.get_paths()["include"]]
     command = ["c++", "-std=c++20", "-fsyntax-only", "-Wall", "-Werror", *(f"-I{path}" for path in includes)]
-    command.append(str(CSRC / "cuda" / "fused_logprobs_cuda.cpp"))
+    command.append(str(binding))
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
     assert completed.returncode == 0, f"{' '.join(command)} failed:\n{completed.stderr[-4000:]}"

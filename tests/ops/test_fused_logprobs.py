@@ -235,7 +235,9 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch, tmp_path):
     """A source that does not compile: one warning naming the compiler error, then reference results."""
     broken_sources = tmp_path / "csrc"
     broken_sources.mkdir()
-    (broken_sources / "fused_logprobs.cpp").write_text('#error "deliberately broken for the fallback test"\n')
+    for source in build.CPU_SOURCES:  # every source present, the first one broken
+        (broken_sources / source).write_text("// fine\n")
+    (broken_sources / build.CPU_SOURCES[0]).write_text('#error "deliberately broken for the fallback test"\n')
     monkeypatch.setattr(build, "SOURCE_DIR", broken_sources)
     monkeypatch.setattr(build, "_extension", None)
     monkeypatch.setattr(build, "_failure", None)

@@ -71,6 +71,27 @@ def test_micro_batch_1_x_accum_8_equals_micro_batch_8_x_accum_1(tmp_path):
     assert moved > 1e-3
 
 
+def test_loss_fused_kernel_and_plain_paths_train_alike(tmp_path):
+    """model.fused_cross_entropy (default) vs the per-token log-prob path vs model.fused_logprobs=false (plain
+    reference), under a token budget (micro-batches weighted by their share of the step): same logged losses and
+    weights. Gradients are compared tightly in tests/trainers/test_sft_gradients.py; Adam divides by sqrt(v), which
+    turns float rounding in near-zero gradients into update differences: 5e-4 is 5% of one lr-sized step."""
+    common = ["train.max_steps=3", "optim.lr=1e-2", "optim.warmup_ratio=0", "train.micro_batch_size=4"]
+    common += ["train.gradient_accumulation_steps=2", "train.max_tokens_per_micro_batch=160"]
+    runs = {
+        "loss_fused": run_sft(tmp_path / "loss_fused", *common),
+        "per_token": run_sft(tmp_path / "per_token", "model.fused_cross_entropy=false", *common),
+        "plain": run_sft(tmp_path / "plain", "model.fused_logprobs=false", *common),
+    }
+    losses = {name: [m["loss"] for m in read_metrics(run) if "loss" in m] for name, run in runs.items()}
+    assert len(losses["loss_fused"]) == 3
+    weights = {name: _final_weights(run) for name, run in runs.items()}
+    for other in ("per_token", "plain"):
+        assert losses["loss_fused"] == pytest.approx(losses[other], rel=1e-5), other
+        for name in weights[other]:
+            torch.testing.assert_close(weights["loss_fused"][name], weights[other][name], atol=5e-4, rtol=0)
+
+
 def test_padded_batches_match_packed_batches(tmp_path):
     common = ["train.max_steps=2", "optim.lr=1e-2", "optim.warmup_ratio=0"]
     packed = run_sft(tmp_path / "packed", "data.packing=true", *common)
