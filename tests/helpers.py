@@ -3,9 +3,11 @@
 (Not in conftest.py: test folders have their own conftest.py, so `import conftest` is ambiguous.)
 """
 
+import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -84,3 +86,33 @@ def wandb_offline_config(run_dir: Path) -> dict:
         updates = record.config.update if kind == "config" else record.run.config.update if kind == "run" else []
         config.update({item.key: json.loads(item.value_json) for item in updates})
     return config
+
+
+def run_python(code: str, extra_env: dict[str, str] | None = None) -> dict:
+    """Runs `code` (dedented) in a fresh interpreter with the repo on PYTHONPATH; its last stdout line must be JSON."""
+    env = {**os.environ, **(extra_env or {})}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    completed = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, check=False
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+# Prepended to a `run_python` memory probe: peak_extra_bytes(function) is the peak resident set (VmHWM) a call
+# reaches above the RSS before it, after one warm-up call. Run with MALLOC_MMAP_THRESHOLD_ low, so freed blocks
+# leave the RSS at once.
+PEAK_EXTRA_BYTES = """\
+import re
+from pathlib import Path
+
+def resident_kib(field):
+    return int(re.search(field + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
+
+def peak_extra_bytes(function):
+    function()  # warm-up: thread pools, BLAS buffers
+    baseline = resident_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    function()
+    return (resident_kib("VmHWM") - baseline) * 1024
+"""

@@ -125,12 +125,12 @@ class SFT:
         (target mask as token weights: it forms the head's gradients in the forward, and the step scale and the
         micro-batch weight reach them as the upstream gradient); otherwise from per-token log-probs."""
         cfg = self.cfg
-        scale = sft_loss_scale(
-            step_target_tokens=step_target_tokens, reduction=cfg.algo.loss_reduction, world_size=world_size()
-        )
         target_mask = (targets != IGNORE_INDEX).float()
         if cfg.model.fused_logprobs and cfg.model.fused_cross_entropy:
             summed_nll = self.engine(targets=targets, token_weights=target_mask, **batch)
+            scale = sft_loss_scale(
+                step_target_tokens=step_target_tokens, reduction=cfg.algo.loss_reduction, world_size=world_size()
+            )
             return summed_nll.detach(), summed_nll * scale
         logprobs, _ = self.engine(targets=targets, **batch)
         loss, parts = sft_loss(

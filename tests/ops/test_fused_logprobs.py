@@ -6,17 +6,15 @@ fails these tests rather than skipping them: the fallback is tested on purpose, 
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
-import sys
 import textwrap
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import PEAK_EXTRA_BYTES, run_python
 
 import posttrain.ops as ops
 from posttrain.ops import build, fused
@@ -256,17 +254,6 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch, tmp_path):
     assert torch.equal(first[0], expected[0]) and torch.equal(first[1], expected[1])
 
 
-def run_python(code: str, extra_env: dict[str, str] | None = None) -> dict:
-    """Runs `code` in a fresh interpreter at the repo root; its last stdout line must be JSON."""
-    env = {**os.environ, **(extra_env or {})}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    completed = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, check=False
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
 def test_importing_posttrain_does_not_build_or_load_the_kernel():
     state = run_python(
         """
@@ -279,21 +266,10 @@ def test_importing_posttrain_does_not_build_or_load_the_kernel():
     assert state == {"extension": False, "failure": None, "loaded": False}
 
 
-MEMORY_PROBE = """
-    import json, re
-    from pathlib import Path
+MEMORY_PROBE = PEAK_EXTRA_BYTES + textwrap.dedent("""
+    import json
     import torch
     from posttrain.ops import fused_kernel_available, linear_logprobs, reference_linear_logprobs
-
-    def resident_kib(field):
-        return int(re.search(field + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
-
-    def peak_extra_bytes(function):
-        function()  # warm-up: thread pools, BLAS buffers
-        baseline = resident_kib("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
-        function()
-        return (resident_kib("VmHWM") - baseline) * 1024
 
     assert fused_kernel_available()
     rows, hidden_size, vocab = 1024, 64, 32768
@@ -309,7 +285,7 @@ MEMORY_PROBE = """
             torch.autograd.grad((logprobs + entropy).sum(), [hidden, weight])
         result[name] = {"forward": peak_extra_bytes(forward), "step": peak_extra_bytes(forward_backward)}
     print(json.dumps(result))
-"""
+""")
 
 
 def test_peak_extra_memory_is_independent_of_the_logits_size(fused_ops):

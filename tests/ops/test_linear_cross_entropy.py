@@ -7,16 +7,14 @@ gradients with `reference_linear_cross_entropy` evaluated in float64 on the same
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import PEAK_EXTRA_BYTES, run_python
 
 import posttrain.ops as ops
 from posttrain.ops import build, cross_entropy, fused
@@ -282,21 +280,10 @@ def test_linear_cross_entropy_dispatch_and_fallback(fused_ops, monkeypatch):
     assert len(calls) == 1, "POSTTRAIN_DISABLE_FUSED=1 must select the reference"
 
 
-MEMORY_PROBE = """
-    import json, re
-    from pathlib import Path
+MEMORY_PROBE = PEAK_EXTRA_BYTES + textwrap.dedent("""
+    import json
     import torch
     from posttrain.ops import fused_kernel_available, linear_cross_entropy, reference_linear_cross_entropy
-
-    def resident_kib(field):
-        return int(re.search(field + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
-
-    def peak_extra_bytes(function):
-        function()  # warm-up: thread pools, BLAS buffers
-        baseline = resident_kib("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
-        function()
-        return (resident_kib("VmHWM") - baseline) * 1024
 
     assert fused_kernel_available()
     rows, hidden_size, vocab = 1024, 64, 32768
@@ -312,7 +299,7 @@ MEMORY_PROBE = """
             torch.autograd.grad(loss, [hidden, weight])
         result[name] = peak_extra_bytes(step)
     print(json.dumps(result))
-"""
+""")
 
 
 def test_peak_extra_memory_is_bounded_by_the_chunk(fused_ops):
@@ -324,13 +311,7 @@ def test_peak_extra_memory_is_bounded_by_the_chunk(fused_ops):
     """
     if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("/proc/self/clear_refs is not writable: cannot reset the peak-RSS counter here")
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    completed = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(MEMORY_PROBE)], env=env, capture_output=True, text=True, check=False
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    result = run_python(MEMORY_PROBE, {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"})
     logits_bytes, grad_weight_bytes = 1024 * 32768 * 4, 32768 * 64 * 4
     assert result["naive"] >= 2 * logits_bytes, result
     assert result["fused"] < 2 * grad_weight_bytes + logits_bytes / 8, result
