@@ -6,6 +6,7 @@
     python benchmarks/profile_step.py --algo rlvr                         # 8 prompts x 8 samples, hf rollout
     python benchmarks/profile_step.py --algo dpo --packed-rows layout     # the packed row laid out as padded rows
     python benchmarks/profile_step.py --algo dpo --packed-rows mask       # the packed row as one N x N-masked row
+    python benchmarks/profile_step.py --algo sft --override model.fused_cross_entropy=false  # any Hydra override
 
 The model is the benchmark Llama (--hidden 512, --layers 8, --vocab 8192, fp32, random weights, seed 0) with a
 BPE tokenizer trained on the arithmetic task; data: the arithmetic task's pairs / conversations / prompts, or with
@@ -154,6 +155,13 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--packed-rows", choices=("split", "layout", "mask"), default="split", help="see above")
     parser.add_argument("--out", type=Path, help="write the breakdown as JSON here")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help="an extra Hydra override (repeatable), e.g. "
+        "model.fused_cross_entropy=false for SFT's per-token head instead of the loss-fused one",
+    )
     args = parser.parse_args()
     args.batch = args.batch or {"dpo": 16, "sft": 8, "rlvr": 8}[args.algo]
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -175,7 +183,7 @@ def main() -> None:
     if args.packed_rows == "mask":
         attention.row_layout = lambda position_ids, hidden_size: None
     workdir = Path(tempfile.mkdtemp(prefix="profile_step-"))
-    overrides = prepare(workdir, args)
+    overrides = [*prepare(workdir, args), *args.override]
     register_configs()
     with initialize_config_dir(str(CONF_DIR), version_base=None):
         cfg = compose("config", overrides=overrides)

@@ -74,6 +74,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -86,7 +87,10 @@ SIDES = {
     "trl": ("trl", "hf"),
     "posttrain-hf": ("posttrain", "hf"),
     "trl-vllm": ("trl", "vllm"),
+    "posttrain-compiled": ("posttrain", "vllm"),
 }
+# posttrain sides' extra overrides: vLLM's compiled CPU mode (torch.compile of the model; TRL's engine runs it)
+SIDE_OVERRIDES = {"posttrain-compiled": ["rollout.enforce_eager=false"]}
 BASELINES = ("trl", "trl-vllm")  # the ratio columns
 FULL = dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8, intermediate_size=1536)
 SMOKE = dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=384)
@@ -178,7 +182,7 @@ class StepClock:
         }
 
 
-def posttrain_config(spec: dict, backend: str, run_dir: Path):
+def posttrain_config(spec: dict, backend: str, run_dir: Path, extra: Sequence[str] = ()):
     """The RLVR config for this benchmark, composed from conf/ like the CLI."""
     from hydra import compose, initialize_config_dir
 
@@ -221,18 +225,19 @@ def posttrain_config(spec: dict, backend: str, run_dir: Path):
         "logger.progress_bar=false",
         f"seed={SEED}",
         f"run_dir={run_dir}",
+        *extra,
     ]
     with initialize_config_dir(str(CONF_DIR), version_base=None):
         return compose("config", overrides=overrides)
 
 
-def run_posttrain(spec: dict, backend: str, scratch: Path) -> dict:
+def run_posttrain(spec: dict, backend: str, scratch: Path, extra: Sequence[str] = ()) -> dict:
     """The RLVR trainer through the trainer-core API (`start_run` + the registered class), its `train_step` called
     update by update as `posttrain.training.run_loop` does, timed at each update's end (one optimizer step here)."""
     from posttrain.trainers import get_algorithm
     from posttrain.training import start_run
 
-    cfg = posttrain_config(spec, backend, scratch / "run")
+    cfg = posttrain_config(spec, backend, scratch / "run", extra)
     started = time.perf_counter()
     algorithm = get_algorithm("rlvr")
     trainer = algorithm.entry(start_run(cfg, algorithm))
@@ -411,7 +416,10 @@ def child_main(side: str, spec_path: Path, result_path: Path) -> None:
     scratch = Path(tempfile.mkdtemp(prefix=f"{side}-", dir=spec["workdir"]))
     load_before = os.getloadavg()[0]
     framework, backend = SIDES[side]
-    result = run_trl(spec, backend == "vllm", scratch) if framework == "trl" else run_posttrain(spec, backend, scratch)
+    if framework == "trl":
+        result = run_trl(spec, backend == "vllm", scratch)
+    else:
+        result = run_posttrain(spec, backend, scratch, SIDE_OVERRIDES.get(side, ()))
     result.update(side=side, load_average=[load_before, os.getloadavg()[0]])
     result_path.write_text(json.dumps(result))
 
@@ -571,7 +579,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.smoke:
         args.steps, args.warmup, args.prompts, args.samples, args.max_tokens, args.micro_batch = 1, 1, 2, 4, 16, 4
         args.rounds = 1
-    args.sides = args.sides or ",".join(side for side in SIDES if not (args.smoke and side == "trl-vllm"))
+    skipped = {"posttrain-compiled", *(["trl-vllm"] if args.smoke else [])}  # an experiment side: only when named
+    args.sides = args.sides or ",".join(side for side in SIDES if side not in skipped)
     unknown = [side for side in args.sides.split(",") if side not in SIDES]
     if unknown:
         parser.error(f"unknown side(s) {unknown}; known: {', '.join(SIDES)}")
