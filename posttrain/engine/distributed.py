@@ -101,12 +101,6 @@ def rank_share(items: Sequence[T]) -> tuple[list[T], list[bool]]:
     return [items[i % count] for i in indices], [i < count for i in indices]
 
 
-def agreed_batch_count(local_items: int, micro_batch_size: int) -> int:
-    """The most micro-batches of `micro_batch_size` any rank needs for its `local_items`: every rank runs that
-    many forwards (the short ones idle forwards) when the local counts differ (ZeRO-3 collectives)."""
-    return int(all_reduce_max([float(-(-local_items // micro_batch_size))])[0])
-
-
 class WeightedMeans:
     """Weighted sums of named metrics on this rank; `means()` all-reduces them over ranks and divides by the
     summed weight (a collective: every rank calls it)."""

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from posttrain.data.cache import cache_root, content_hash, tokenizer_fingerprint
-from posttrain.data.preference import PreferenceExample, collate_pairs
+from posttrain.data.preference import PreferenceExample, collate_pairs, pair_lengths
 from posttrain.engine.distributed import barrier, is_main_process, rank_share, world_size
 from posttrain.errors import ConfigError
 
@@ -135,19 +135,30 @@ def reference_cache_key(
 
 @torch.no_grad()
 def compute_reference_logprobs(
-    model, examples: list[PreferenceExample], micro_batch_size: int, packing: bool, pad_token_id: int, device
+    model,
+    examples: list[PreferenceExample],
+    micro_batch_size: int,
+    packing: bool,
+    pad_token_id: int,
+    device,
+    max_tokens: int | None = None,
 ) -> ReferenceLogprobs:
-    """Sums for every pair: this rank scores pairs rank, rank + world, ...; the shards are gathered."""
-    from posttrain.models.logprobs import pair_logprob_sums
+    """Sums for every pair: this rank scores pairs rank, rank + world, ...; the shards are gathered. Forwards hold
+    `micro_batch_size` pairs, or as many as fit in `max_tokens` tokens (train.max_tokens_per_micro_batch); every
+    rank runs as many forwards as the busiest (ZeRO-3 gathers parameters in each)."""
+    from posttrain.models.logprobs import agreed_batches, idle_forward, pair_logprob_sums, scoring_batches
 
-    shared, real = rank_share(range(len(examples)))  # equal forward counts on every rank (ZeRO-3)
-    chosen, rejected = [], []
-    for start in range(0, len(shared), micro_batch_size):
-        pairs = [examples[i] for i in shared[start : start + micro_batch_size]]
-        batch = collate_pairs(pairs, packing, pad_token_id).to(device)
-        sums = pair_logprob_sums(model, batch)
-        chosen += sums[0].cpu().tolist()
-        rejected += sums[1].cpu().tolist()
+    shared, real = rank_share(range(len(examples)))  # equal shares on every rank
+    sizes = [pair_lengths(examples[i]) for i in shared]
+    chosen, rejected = [0.0] * len(shared), [0.0] * len(shared)
+    for batch in agreed_batches(scoring_batches(sizes, micro_batch_size, max_tokens, padded=not packing)):
+        if batch is None:
+            idle_forward(model)
+            continue
+        pairs = [examples[shared[position]] for position in batch]
+        sums = pair_logprob_sums(model, collate_pairs(pairs, packing, pad_token_id).to(device))
+        for position, chosen_sum, rejected_sum in zip(batch, sums[0].tolist(), sums[1].tolist()):
+            chosen[position], rejected[position] = chosen_sum, rejected_sum
     mine = [index for index, keep in zip(shared, real) if keep]
     chosen, rejected = chosen[: len(mine)], rejected[: len(mine)]  # padding comes last
     shards = [(mine, chosen, rejected)]

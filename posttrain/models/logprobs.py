@@ -8,14 +8,14 @@ distribution a sampler drew from at that temperature.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
-from posttrain.data.batching import collate_packed
+from posttrain.data.batching import collate_packed, pack_token_budget
 from posttrain.data.chat import IGNORE_INDEX, TokenizedExample
-from posttrain.data.preference import PairBatch, PreferenceExample, collate_pairs
-from posttrain.engine.distributed import agreed_batch_count
+from posttrain.data.preference import PairBatch, PreferenceExample, collate_pairs, pair_lengths
+from posttrain.engine.distributed import all_reduce_max
 
 
 def model_device(model) -> torch.device:
@@ -65,6 +65,29 @@ def completion_logprobs(
     return logprobs, entropy, mask
 
 
+def scoring_batches(
+    sizes: Sequence[Sequence[int]], micro_batch_size: int, max_tokens: int | None, padded: bool
+) -> list[list[int]]:
+    """Positions of the items in each no-grad scoring forward: `micro_batch_size` items at a time in order, or,
+    with `max_tokens` (train.max_tokens_per_micro_batch), packed up to that many tokens a forward
+    (`pack_token_budget`: sizes[i] are the sequence lengths item i puts in a forward; `padded`: the forward pads
+    to the longest), the bound the training forwards keep. Every position appears in exactly one batch."""
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    positions = list(range(len(sizes)))
+    if max_tokens is None:
+        return [positions[start : start + micro_batch_size] for start in range(0, len(positions), micro_batch_size)]
+    return pack_token_budget(positions, sizes, max_tokens, padded)
+
+
+def agreed_batches(batches: list[list[int]]) -> Iterator[list[int] | None]:
+    """`batches`, then None up to the most batches any rank has (a collective): under ZeRO-3 every forward gathers
+    parameters on every rank, so all run as many; the caller runs an idle forward for each None."""
+    count = int(all_reduce_max([float(len(batches))])[0])
+    for index in range(count):
+        yield batches[index] if index < len(batches) else None
+
+
 @torch.no_grad()
 def completion_logprob_rows(
     model,
@@ -72,17 +95,21 @@ def completion_logprob_rows(
     prompt_lengths: Sequence[int],
     micro_batch_size: int,
     temperature: float = 1.0,
+    max_tokens: int | None = None,
 ) -> list[torch.Tensor]:
-    """Each completion's token log-probs [L_b] under `model` (no grad), `micro_batch_size` completions a forward.
-    Ranks whose share is smaller run idle forwards up to the largest count (`agreed_batch_count`): a collective."""
-    rows = []
-    for batch in range(agreed_batch_count(len(examples), micro_batch_size)):
-        start, end = batch * micro_batch_size, (batch + 1) * micro_batch_size
-        if start >= len(examples):
+    """Each completion's token log-probs [L_b] under `model` (no grad), in the order of `examples`:
+    `micro_batch_size` completions a forward, or packed up to `max_tokens` tokens a forward (`scoring_batches`).
+    Ranks with fewer forwards run idle ones up to the largest count (`agreed_batches`): a collective."""
+    batches = scoring_batches([[len(example.input_ids)] for example in examples], micro_batch_size, max_tokens, False)
+    rows: list[torch.Tensor] = [torch.empty(0)] * len(examples)
+    for batch in agreed_batches(batches):
+        if batch is None:
             idle_forward(model)
             continue
-        logprobs, _, mask = completion_logprobs(model, examples[start:end], prompt_lengths[start:end], temperature)
-        rows += [logprobs[row, : int(mask[row].sum())] for row in range(len(logprobs))]
+        chosen = [examples[i] for i in batch]
+        logprobs, _, mask = completion_logprobs(model, chosen, [prompt_lengths[i] for i in batch], temperature)
+        for row, position in enumerate(batch):
+            rows[position] = logprobs[row, : int(mask[row].sum())]
     return rows
 
 
@@ -113,16 +140,21 @@ def pair_logprob_rows(
     packing: bool,
     pad_token_id: int,
     temperature: float = 1.0,
+    max_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs of every pair ([N] chosen, [N] rejected, on CPU) under `model`, in eval mode,
-    `micro_batch_size` pairs per forward."""
+    """Summed response log-probs of every pair ([N] chosen, [N] rejected, on CPU) under `model`, in eval mode:
+    `micro_batch_size` pairs a forward, or packed up to `max_tokens` tokens a forward (`scoring_batches`; a pair's
+    two sequences share one). Ranks with fewer forwards run idle ones (`agreed_batches`): a collective."""
     was_training = model.training
     model.eval()
-    chosen, rejected = [], []
-    for start in range(0, len(pairs), micro_batch_size):
-        batch = collate_pairs(list(pairs[start : start + micro_batch_size]), packing, pad_token_id)
-        winner, loser = pair_logprob_sums(model, batch.to(model_device(model)), temperature)
-        chosen.append(winner.cpu())
-        rejected.append(loser.cpu())
+    sizes = [pair_lengths(pair) for pair in pairs]
+    chosen, rejected = torch.zeros(len(pairs)), torch.zeros(len(pairs))
+    for batch in agreed_batches(scoring_batches(sizes, micro_batch_size, max_tokens, padded=not packing)):
+        if batch is None:
+            idle_forward(model)
+            continue
+        collated = collate_pairs([pairs[i] for i in batch], packing, pad_token_id)
+        winner, loser = pair_logprob_sums(model, collated.to(model_device(model)), temperature)
+        chosen[batch], rejected[batch] = winner.float().cpu(), loser.float().cpu()
     model.train(was_training)
-    return torch.cat(chosen), torch.cat(rejected)
+    return chosen, rejected

@@ -5,6 +5,7 @@ The cache itself (key, computation, on-disk file) is `posttrain.engine.reference
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 from dataclasses import dataclass
@@ -87,8 +88,9 @@ def build_pair_reference(cfg, tokenizer, splits: dict[str, list]) -> PairReferen
             loaded.append(reference_model(cfg, tokenizer))
         device = next(iter(loaded[0].parameters())).device
         return compute_reference_logprobs(
-            loaded[0], examples, ref_cfg.micro_batch_size, cfg.data.packing, tokenizer.pad_token_id, device
-        )
+            loaded[0], examples, ref_cfg.micro_batch_size, cfg.data.packing, tokenizer.pad_token_id, device,
+            max_tokens=cfg.train.max_tokens_per_micro_batch,
+        )  # fmt: skip
 
     reference = PairReference()
     for split, examples in splits.items():
@@ -151,10 +153,12 @@ def restore_reference_weights(reference: torch.nn.Module, checkpoint: Path, zero
     return True
 
 
-def reference_logprob_rows(reference, policy_engine, examples, prompt_lengths, micro_batch_size, temperature):
-    """Per-token reference log-probs of each completion (`completion_logprob_rows`): from the frozen `reference`,
-    or, when it is None (LoRA), from the policy with its adapters switched off (the base model is the reference)."""
-    if reference is not None:
-        return completion_logprob_rows(reference, examples, prompt_lengths, micro_batch_size, temperature)
-    with policy_engine.module.policy.disable_adapter():
-        return completion_logprob_rows(policy_engine, examples, prompt_lengths, micro_batch_size, temperature)
+def reference_logprob_rows(
+    reference, policy_engine, examples, prompt_lengths, micro_batch_size, temperature, max_tokens=None
+):
+    """Per-token reference log-probs of each completion (`completion_logprob_rows`, `max_tokens` tokens a forward
+    when set): from the frozen `reference`, or, when it is None (LoRA), from the policy with its adapters switched
+    off (the base model is the reference)."""
+    model = reference if reference is not None else policy_engine
+    with contextlib.nullcontext() if reference is not None else policy_engine.module.policy.disable_adapter():
+        return completion_logprob_rows(model, examples, prompt_lengths, micro_batch_size, temperature, max_tokens)

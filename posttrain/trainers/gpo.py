@@ -176,7 +176,8 @@ class GPO:
     def pair_logprobs(self, pairs: SampledPairs, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """log pi_t of every pair's responses ([N] winner, [N] loser) under the current weights."""
         size, packing, pad = self.cfg.train.micro_batch_size, self.cfg.data.packing, self.tokenizer.pad_token_id
-        return pair_logprob_rows(self.engine, pairs.examples, size, packing, pad, temperature)
+        budget = self.cfg.train.max_tokens_per_micro_batch
+        return pair_logprob_rows(self.engine, pairs.examples, size, packing, pad, temperature, max_tokens=budget)
 
     def sync_gap(self, pairs: SampledPairs) -> float | None:
         """Largest |engine - trainer| summed log-prob over the pairs' responses (sampled by pi_t, scored as pi_t

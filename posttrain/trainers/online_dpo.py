@@ -130,7 +130,8 @@ class OnlineDPO:
         mine, kept = len(pairs.examples), all_reduce_sum([float(len(pairs.examples))])[0]
         most = int(all_reduce_max([float(mine)])[0])
         padded = pairs.examples + [stand_in_pair(self.tokenizer.eos_token_id)] * (most - mine)
-        reference = pair_logprob_rows(self.engine, padded, size, packing, pad)
+        budget = self.cfg.train.max_tokens_per_micro_batch
+        reference = pair_logprob_rows(self.engine, padded, size, packing, pad, max_tokens=budget)
         pairs.reference_w, pairs.reference_l = (sums[:mine].float() for sums in reference)
         metrics = {}
         if kept:  # no pairs anywhere (every group tied): no update, nothing to sync

@@ -196,15 +196,16 @@ class RLVR:
     def update(self, samples: list[PolicySample], step: int) -> dict[str, float]:
         """Old and reference log-probs, then the update's optimizer steps over the rollout batch."""
         algo, size = self.cfg.algo, self.cfg.train.micro_batch_size
+        budget = self.cfg.train.max_tokens_per_micro_batch  # the no-grad passes keep the training forwards' bound
         temperature = algo.sampling.temperature
         examples, prompts = [s.example for s in samples], [s.prompt_length for s in samples]
         self.engine.eval()  # log-prob recomputation must match training forwards (no dropout either way)
         if self.steps_per_update > 1:  # else the step's own log-probs, detached, are the old ones (ratio 1)
-            rows = completion_logprob_rows(self.engine, examples, prompts, size, temperature)
+            rows = completion_logprob_rows(self.engine, examples, prompts, size, temperature, budget)
             for sample, row in zip(samples, rows):
                 sample.old_logprobs = row
         if algo.kl_beta != 0.0:
-            rows = reference_logprob_rows(self.reference, self.engine, examples, prompts, size, temperature)
+            rows = reference_logprob_rows(self.reference, self.engine, examples, prompts, size, temperature, budget)
             for sample, row in zip(samples, rows):
                 sample.reference_logprobs = row
         self.engine.train()

@@ -91,6 +91,8 @@ DPO_ARGS = [
 
 
 def test_zero3_dpo_reference_cache_and_uneven_eval_match_single_process(tmp_path):
+    """The ZeRO-3 run builds its reference cache and trains under a token budget (pairs packed up to 128 tokens a
+    forward, so the ranks' forward counts may differ), the single-process one in fixed batches: same numbers."""
     single = run_posttrain(
         f"run_dir={tmp_path / 'single'}", f"algo.reference.cache_dir={tmp_path / 'cache1'}",
         "train.micro_batch_size=8", *DPO_ARGS,
@@ -98,7 +100,7 @@ def test_zero3_dpo_reference_cache_and_uneven_eval_match_single_process(tmp_path
     assert single.returncode == 0, single.stderr[-2000:]
     torchrun(
         f"run_dir={tmp_path / 'zero3'}", f"algo.reference.cache_dir={tmp_path / 'cache2'}", "deepspeed=zero3",
-        "train.micro_batch_size=4", *DPO_ARGS,
+        "train.micro_batch_size=4", "train.max_tokens_per_micro_batch=128", *DPO_ARGS,
     )  # fmt: skip
     for split in sorted(path.name for path in (tmp_path / "cache1").glob("*.pt")):
         expected, got = (torch.load(tmp_path / cache / split, weights_only=True) for cache in ("cache1", "cache2"))
@@ -115,7 +117,9 @@ def test_zero3_dpo_reference_cache_and_uneven_eval_match_single_process(tmp_path
 
 def test_zero3_rlvr_with_groups_dropped_unevenly_matches_zero2(tmp_path):
     """A KL reference and two epochs per rollout batch (so the old-log-prob pass runs) from a model that solves
-    some prompts: kept groups differ between the two ranks; ZeRO-3 must finish and match ZeRO-2."""
+    some prompts: kept groups differ between the two ranks; ZeRO-3 must finish and match ZeRO-2. Under a token
+    budget (176 = prompt + response limits): the old-log-prob, reference and training forwards are packed up to it,
+    so their counts differ between the ranks too."""
     sft = tmp_path / "sft"
     result = run_posttrain(
         f"run_dir={sft}", "train.max_steps=300", "optim.lr=3e-3", "data.num_eval=0", "logger.progress_bar=false"
@@ -124,7 +128,7 @@ def test_zero3_rlvr_with_groups_dropped_unevenly_matches_zero2(tmp_path):
     rlvr = [
         "recipe=tiny_rlvr", f"model.path={sft / 'final'}", "rollout.backend=hf", "algo.kl_beta=0.05",
         "algo.epochs_per_batch=2", "algo.prompts_per_step=8", "algo.sampling.n=4", "algo.sampling.temperature=1.0",
-        "train.max_steps=8",
+        "train.max_steps=8", "train.max_tokens_per_micro_batch=176",
         "data.num_eval=5", "train.eval_every=4", "logger.progress_bar=false",
     ]  # fmt: skip
     for zero in ("zero2", "zero3"):
