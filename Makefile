@@ -18,16 +18,16 @@ install:
 demo: install
 	posttrain algo=pipeline run_dir=runs/demo
 
-# Tests that build their own in-process vLLM engine (a trainer's rollout service) run in their own
-# processes: a second engine in one process breaks torch.distributed for the tests after it. The DPO
-# stage and DNO tests share the RLVR test's process for its noisy SFT model (a session fixture) and use no
-# vLLM (DNO samples with transformers there), so they run before it.
+# Tests that build their own in-process vLLM engine (a trainer's rollout service; marked isolated) run apart
+# from the others, which share one engine per process (tests/rollout_helpers.py): vLLM's parallel groups are
+# per process, and an engine's shut-down (at the end of its run, or when collected) ends them under the
+# shared one. Among themselves they share a process: a shut-down keeps torch.distributed's world, so the
+# next trainer's DeepSpeed engine starts (posttrain/rollout/vllm_backend.py). The DPO stage and DNO tests
+# come first there, for the RLVR test's noisy SFT model (a session fixture); they use no vLLM.
 test: install
 	$(PYTHON) -m pytest -q -m "not isolated"
 	$(PYTHON) -m pytest -q -m isolated tests/trainers/test_dpo_stage.py tests/trainers/test_online_dpo_trainer.py \
-		tests/trainers/test_rlvr_trainer.py
-	$(PYTHON) -m pytest -q -m isolated tests/trainers/test_gpo_trainer.py
-	$(PYTHON) -m pytest -q -m isolated tests/rollout/test_lora_adapter_sync.py
+		tests/trainers/test_rlvr_trainer.py tests/trainers/test_gpo_trainer.py tests/rollout/test_lora_adapter_sync.py
 
 # Every comparison benchmark (SFT, DPO, RLVR vs TRL; the fused log-prob kernel) at reduced size, interleaved
 # rounds, one summary table (benchmarks/README.md); estimated 15-20 min on 2 idle cores. Full size:

@@ -1,8 +1,9 @@
 """Local sweeps: `posttrain -m optim.lr=1e-6,5e-6 train.epochs=1,2` (and launch/sweep.sh) run every job as its own
 `posttrain` process, one after another, in run_dir/<job number> (the layout of Hydra's multirun).
 
-Why not Hydra's basic launcher: it runs all jobs inside one process, and a trainer with an in-process vLLM engine
-(RLVR, GPO) leaves torch.distributed unusable for the next job. The sweep is expanded by Hydra's own override
+Why not Hydra's basic launcher: it runs all jobs inside one process, where they share process-wide state
+(torch.distributed's world, vLLM's parallel groups, the global RNGs); a process per job runs each job as it would
+run alone, and under any launcher (torchrun). The sweep is expanded by Hydra's own override
 parser and basic sweeper (same jobs, same order, same syntax: a,b,c / range() / choice()). Each job's command is
 `$POSTTRAIN_SWEEP_LAUNCHER -m posttrain <job overrides> run_dir=<run_dir>/<n>`; the launcher defaults to this
 Python, and e.g. `POSTTRAIN_SWEEP_LAUNCHER="torchrun --standalone --nproc_per_node=8"` runs each job on all

@@ -60,6 +60,7 @@ class Trainer(Protocol):
 
     # Optional: `save_extra(directory)` adds the trainer's own files to each checkpoint (on every rank, collective);
     # the trainer restores them itself on resume (run.checkpoint). RLVR keeps a refreshed reference there.
+    # Optional: `rollout`, the trainer's RolloutService (or None), closed when the run ends (`close_rollout`).
 
 
 @dataclass
@@ -308,6 +309,15 @@ def run_loop(run: Run, trainer: Trainer) -> None:
     log.info("done: %s", run.run_dir / "final")
 
 
+def close_rollout(trainer: Trainer) -> None:
+    """Shut down the trainer's rollout engine, if it has one, when its run ends, also after an error. Left to the
+    garbage collector, it would shut down whenever the collector gets to it, and its shut-down ends vLLM's
+    per-process groups under whatever engine the process uses then (the next run's, in a Python caller's loop)."""
+    rollout = getattr(trainer, "rollout", None)
+    if rollout is not None:
+        rollout.close()
+
+
 def run_algorithm(cfg) -> Path:
     """Run `algo=<name>`: an orchestrator's own main, or a trainer's set-up and the run loop. Returns the run dir."""
     from posttrain.trainers import get_algorithm
@@ -318,7 +328,10 @@ def run_algorithm(cfg) -> Path:
     try:
         run = start_run(cfg, algorithm)
         trainer = algorithm.entry(run)
-        run_loop(run, trainer)
+        try:
+            run_loop(run, trainer)
+        finally:
+            close_rollout(trainer)
     finally:
         unlock_run_dir(Path(cfg.run_dir))
     return run.run_dir

@@ -53,3 +53,29 @@ def test_micro_steps_pad_a_short_rank_with_zero_weight_steps_and_set_one_boundar
     engine = BoundaryEngine()
     assert list(training.micro_steps(engine, [[], []])) == [(None, 0.0)] * 3
     assert engine.boundaries == [False, False, True]
+
+
+def test_run_algorithm_closes_the_trainers_rollout_also_when_the_run_fails(tmp_path, monkeypatch):
+    """A trainer's rollout engine is shut down when its run ends, not when the garbage collector gets to it."""
+    from posttrain import trainers, training
+
+    closed = []
+
+    class Rollout:
+        def close(self):
+            closed.append(True)
+
+    class Trainer:
+        def __init__(self, run):
+            self.rollout = Rollout()
+
+    def failing_loop(run, trainer):
+        raise RuntimeError("step failed")
+
+    sft = trainers.get_algorithm("sft")
+    fake = trainers.Algorithm("fake", schema=sft.schema, entry=Trainer, curve=("loss",), check=None)
+    monkeypatch.setattr(trainers, "get_algorithm", lambda name: fake)
+    monkeypatch.setattr(training, "run_loop", failing_loop)
+    with pytest.raises(RuntimeError, match="step failed"):
+        training.run_algorithm(compose_config([f"run_dir={tmp_path / 'run'}"]))
+    assert closed == [True]

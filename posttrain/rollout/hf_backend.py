@@ -211,6 +211,9 @@ class HFBackend:
         if "weights" in tags:
             self.model.to(self._device)
 
+    def close(self) -> None:
+        """Nothing to shut down: the model goes with the backend."""
+
 
 def finish_point(tokens: list[int], stop_ids: set[int], stop_strings: list[str], decode) -> tuple[int, str | None]:
     """(tokens kept, what stopped the row: "token", "string" or None): through the first stop token id

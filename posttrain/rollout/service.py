@@ -63,6 +63,8 @@ class RolloutBackend(Protocol):
 
     def wake_up(self, tags: Sequence[str]) -> None: ...
 
+    def close(self) -> None: ...
+
 
 ROLLOUT_BACKENDS: Registry = Registry("rollout backend")
 
@@ -254,6 +256,11 @@ class RolloutService:
         yield
         if sync_from is not None:
             self.sync_weights(sync_from)
+
+    def close(self) -> None:
+        """Shut the backend's engine down (idempotent); torch.distributed's world stays. A trainer's service is closed
+        at the end of its run (`posttrain.training.run_algorithm`), so the next run in the process starts afresh."""
+        self.backend.close()
 
 
 def free_accelerator_bytes() -> int | None:

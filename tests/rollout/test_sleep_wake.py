@@ -47,6 +47,9 @@ class RecordingBackend:
     def wake_up(self, tags):
         self.calls.append(("wake_up", tuple(tags)))
 
+    def close(self):
+        self.calls.append(("close",))
+
 
 def service_on(backend, tiny_tokenizer, **cfg):
     return RolloutService(backend, tiny_tokenizer, RolloutConfig(backend="hf", **cfg))
@@ -146,8 +149,9 @@ def test_rlvr_run_sleeps_for_every_update_and_wakes_weights_before_each_sync(tmp
     calls = recorders[0].calls
     update = [("sleep", 1), ("wake_up", ("weights",)), ("load_weights",)]  # released(sync_from=engine)
     woken = [("wake_up", ("kv_cache",)), ("generate",)]  # the next generate wakes the KV cache first
-    # the resume sync and the baseline eval; 3 steps of rollout + update; the final eval
+    # the resume sync and the baseline eval; 3 steps of rollout + update; the final eval; closed at the run's end
     expected = [("load_weights",), ("generate",), ("generate",), *update, *woken, *update, *woken, *update, *woken]
+    expected.append(("close",))
     assert calls == expected, calls
     assert [m["step"] for m in read_metrics(run_dir) if "reward_mean" in m] == [1, 2, 3]
 

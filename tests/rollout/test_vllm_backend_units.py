@@ -59,7 +59,8 @@ class RecordingLLM:
 
     def __init__(self, enable_sleep_mode: bool):
         model_config = type("ModelConfig", (), {"max_model_len": 64, "enable_sleep_mode": enable_sleep_mode})
-        self.llm_engine = type("Engine", (), {"model_config": model_config})
+        engine_core = type("EngineCoreClient", (), {"shutdown": lambda client: None})()
+        self.llm_engine = type("Engine", (), {"model_config": model_config, "engine_core": engine_core})
         self.calls = []
 
     def sleep(self, level):
