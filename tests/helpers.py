@@ -89,8 +89,11 @@ def wandb_offline_config(run_dir: Path) -> dict:
 
 
 def run_python(code: str, extra_env: dict[str, str] | None = None) -> dict:
-    """Runs `code` (dedented) in a fresh interpreter with the repo on PYTHONPATH; its last stdout line must be JSON."""
-    env = {**os.environ, **(extra_env or {})}
+    """Runs `code` (dedented) in a fresh interpreter with the repo on PYTHONPATH; its last stdout line must be JSON.
+    Like `cli_env`, it inherits no distributed settings (an in-process run of this session set them for its own world
+    of one: its MASTER_PORT is taken)."""
+    env = {key: value for key, value in os.environ.items() if key not in LAUNCHER_KEYS}
+    env.update(extra_env or {})
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     completed = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, check=False
