@@ -69,6 +69,10 @@ def main(out_dir: Path) -> None:
         assembled.clear()
         results[case] = compare(engine, reference, assembled)
     (out_dir / f"rank{rank()}.json").write_text(json.dumps(results))
+    # Both ranks leave together and end the group: a rank exiting while its peer still talks to it could abort in
+    # gloo's teardown ("terminate called without an active exception"), seen in full-suite runs.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
