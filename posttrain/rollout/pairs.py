@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from posttrain.data.chat import IGNORE_INDEX, TokenizedExample
 from posttrain.data.preference import PreferenceExample
 from posttrain.rollout.completion import Completion
 from posttrain.rollout.samples import completion_example
@@ -64,13 +63,6 @@ def best_worst_pairs(groups: list[list[Completion]], targets: torch.Tensor) -> S
         torch.tensor(engine_w, dtype=torch.float32),
         torch.tensor(engine_l, dtype=torch.float32),
     )
-
-
-def stand_in_pair(eos_token_id: int) -> PreferenceExample:
-    """A two-token pair for a rank with no pairs in a micro-batch: its zero-loss forward and backward keep every
-    rank's count of collective passes equal."""
-    example = TokenizedExample([eos_token_id, eos_token_id], [IGNORE_INDEX, eos_token_id])
-    return PreferenceExample(example, example, 1)
 
 
 def group_statistics(groups: list[list[Completion]], pairs: SampledPairs) -> dict[str, float]:

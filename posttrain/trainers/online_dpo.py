@@ -26,7 +26,7 @@ from posttrain.data.loading import load_rows
 from posttrain.data.preference import collate_pairs
 from posttrain.data.prompts import build_prompt_rows, unique_prompt_rows
 from posttrain.engine import backend
-from posttrain.engine.distributed import WeightedMeans, all_reduce_max, all_reduce_sum, rank, world_size
+from posttrain.engine.distributed import WeightedMeans, all_reduce_sum, rank, world_size
 from posttrain.engine.export import export_hf
 from posttrain.errors import ConfigError
 from posttrain.losses import PAIR_LOSSES
@@ -35,7 +35,7 @@ from posttrain.models.logprobs import pair_logprob_rows, pair_logprob_sums
 from posttrain.models.reward import reward_model_dir_problem
 from posttrain.rollout.config import SamplingConfig, sampling_for_step
 from posttrain.rollout.oracles import ORACLES, VerifierOracle, VersusInitial
-from posttrain.rollout.pairs import SampledPairs, group_statistics, margin_pairs, stand_in_pair
+from posttrain.rollout.pairs import SampledPairs, group_statistics, margin_pairs
 from posttrain.rollout.samples import grouped_completions, lora_rank, rollout_model_dir
 from posttrain.rollout.service import build_rollout_service
 from posttrain.trainers import register_algo
@@ -124,15 +124,13 @@ class OnlineDPO:
         targets = self.oracle.targets(prompts, groups)
         pairs = margin_pairs(groups, targets, algo.min_margin)
         scoring_seconds, started = time.perf_counter() - started, time.perf_counter()
-        # The previous iterate pi_t as the reference: the pairs' log-probs before the update. Stand-in pairs give
-        # every rank as many forwards (ZeRO-3 gathers parameters in each).
+        # The previous iterate pi_t as the reference: the pairs' log-probs before the update (every rank runs as
+        # many forwards, idle ones where it has fewer pairs: ZeRO-3 gathers parameters in each).
         size, packing, pad = self.cfg.train.micro_batch_size, self.cfg.data.packing, self.tokenizer.pad_token_id
-        mine, kept = len(pairs.examples), all_reduce_sum([float(len(pairs.examples))])[0]
-        most = int(all_reduce_max([float(mine)])[0])
-        padded = pairs.examples + [stand_in_pair(self.tokenizer.eos_token_id)] * (most - mine)
+        kept = all_reduce_sum([float(len(pairs.examples))])[0]
         budget = self.cfg.train.max_tokens_per_micro_batch
-        reference = pair_logprob_rows(self.engine, padded, size, packing, pad, max_tokens=budget)
-        pairs.reference_w, pairs.reference_l = (sums[:mine].float() for sums in reference)
+        reference = pair_logprob_rows(self.engine, pairs.examples, size, packing, pad, max_tokens=budget)
+        pairs.reference_w, pairs.reference_l = (sums.float() for sums in reference)
         metrics = {}
         if kept:  # no pairs anywhere (every group tied): no update, nothing to sync
             with self.rollout.released(sync_from=self.engine):  # engine asleep for the update, then synced
