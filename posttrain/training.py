@@ -202,15 +202,22 @@ def batch_to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
     return {key: value.to(device) for key, value in batch.items()}
 
 
-def idle_micro_step(engine, token_id: int, max_grad_norm: float) -> None:
-    """A zero-loss forward, backward and micro-step on a two-token dummy sequence: a rank with nothing to train on
-    in this micro-batch still joins the others' collectives (ZeRO-3 gathers parameters in every forward and
-    backward) and DeepSpeed's count of micro-steps to the optimizer step. The loss reaches both outputs, log-probs
-    and entropy, as the policy losses' do: ZeRO-3 hooks the backward of each output, and a rank whose backward
-    visits fewer of them records a different parameter trace than the others (DeepSpeed then fails)."""
-    logprobs, entropy, _ = completion_logprobs(engine, [idle_example(token_id)], [1])
-    engine.backward((logprobs.sum() + entropy.sum()) * 0.0, scale_wrt_gas=False)
+def idle_micro_step(engine, stand_in_loss: Callable[[], torch.Tensor], max_grad_norm: float) -> None:
+    """A micro-step whose loss counts 0, for a rank with nothing to train on in this micro-batch: it still joins the
+    others' collectives (ZeRO-3 gathers parameters in every forward and backward, a live teacher's too) and
+    DeepSpeed's count of micro-steps to the optimizer step. `stand_in_loss()` must run the trainer's OWN loss on a
+    stand-in input (`idle_example`): ZeRO-3 hooks the backward of each model output the loss reaches and records
+    the order modules run in, and a rank whose forward or backward takes another path than the others' (another
+    model, another output) records another trace; DeepSpeed then waits in a collective the others never join."""
+    engine.backward(stand_in_loss() * 0.0, scale_wrt_gas=False)
     backend.step(engine, max_grad_norm)
+
+
+def policy_stand_in_loss(engine, token_id: int) -> torch.Tensor:
+    """The stand-in loss of the policy-gradient trainers (`idle_micro_step`): their losses reach both outputs of
+    the forward, log-probs and entropy (an entropy coefficient of 0 still keeps it in the graph)."""
+    logprobs, entropy, _ = completion_logprobs(engine, [idle_example(token_id)], [1])
+    return logprobs.sum() + entropy.sum()
 
 
 def step_micro_batches(

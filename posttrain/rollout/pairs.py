@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.data.preference import PreferenceExample
+from posttrain.models.logprobs import idle_example
 from posttrain.rollout.completion import Completion
 from posttrain.rollout.samples import completion_example
 
@@ -63,6 +64,14 @@ def best_worst_pairs(groups: list[list[Completion]], targets: torch.Tensor) -> S
         torch.tensor(engine_w, dtype=torch.float32),
         torch.tensor(engine_l, dtype=torch.float32),
     )
+
+
+def stand_in_pairs(token_id: int) -> SampledPairs:
+    """One two-token pair (chosen = rejected = `idle_example`), every target and log-prob 0: what a rank with no
+    pair of its own runs the pair loss on in a zero-weight micro-step (`training.idle_micro_step`)."""
+    example = idle_example(token_id)
+    zero = torch.zeros(1)
+    return SampledPairs([PreferenceExample(example, example, 1)], zero, zero, zero, zero, zero, zero)
 
 
 def group_statistics(groups: list[list[Completion]], pairs: SampledPairs) -> dict[str, float]:

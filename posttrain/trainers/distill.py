@@ -40,6 +40,7 @@ from posttrain.models.distillation import (
     teacher_logits,
 )
 from posttrain.models.loading import load_tokenizer
+from posttrain.models.logprobs import idle_example
 from posttrain.models.reference import frozen_model_at
 from posttrain.rollout.config import SamplingConfig
 from posttrain.rollout.samples import completion_example, rollout_model_dir
@@ -167,7 +168,7 @@ class Distill:
         )  # fmt: skip
         for chunk, weight in micro_steps(engine, micro_batches):  # token mean over the step; weight 0: idle
             if chunk is None:  # no example on this rank at all: every rank runs the same micro-steps
-                idle_micro_step(engine, self.tokenizer.eos_token_id, cfg.optim.max_grad_norm)
+                idle_micro_step(engine, self.stand_in_loss, cfg.optim.max_grad_norm)
                 continue
             per_token = self.divergence(chunk)
             engine.backward(per_token.sum() * (world_size() / step_tokens) * weight, scale_wrt_gas=False)
@@ -179,6 +180,11 @@ class Distill:
             "on_policy_token_fraction": sampled_all / step_tokens, "response_length": step_tokens / sequences,
             "lr": backend.current_lr(engine), "grad_norm": backend.grad_norm(engine),
         }  # fmt: skip
+
+    def stand_in_loss(self) -> torch.Tensor:
+        """The divergence on `idle_example`, for `idle_micro_step`: the same forwards as a real chunk, the
+        teacher's too (under ZeRO-3 it is partitioned and gathers in every forward)."""
+        return self.divergence([idle_example(self.tokenizer.eos_token_id)]).sum()
 
     def divergence(self, examples: list) -> torch.Tensor:
         """Per-token divergence [M] of the student (with grad) from the teacher on `examples`."""

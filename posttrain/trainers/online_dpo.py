@@ -35,7 +35,7 @@ from posttrain.models.logprobs import pair_logprob_rows, pair_logprob_sums
 from posttrain.models.reward import reward_model_dir_problem
 from posttrain.rollout.config import SamplingConfig, sampling_for_step
 from posttrain.rollout.oracles import ORACLES, VerifierOracle, VersusInitial
-from posttrain.rollout.pairs import SampledPairs, group_statistics, margin_pairs
+from posttrain.rollout.pairs import SampledPairs, group_statistics, margin_pairs, stand_in_pairs
 from posttrain.rollout.samples import grouped_completions, lora_rank, rollout_model_dir
 from posttrain.rollout.service import build_rollout_service
 from posttrain.trainers import register_algo
@@ -151,6 +151,7 @@ class OnlineDPO:
         cfg, algo, engine = self.cfg, self.cfg.algo, self.engine
         means = WeightedMeans(("loss", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected", "nll"))
         generator = torch.Generator().manual_seed(cfg.seed * 7919 + engine.global_steps)
+        idle = 0.0  # micro-steps this rank ran with no pair of its own
         for _ in range(algo.epochs_per_iteration):
             order = torch.randperm(len(pairs.examples), generator=generator).tolist()
             for step_pairs in split_evenly(order, algo.steps_per_epoch):
@@ -159,13 +160,19 @@ class OnlineDPO:
                 micro_batches = pair_micro_batches(fixed, pairs.examples, cfg)
                 for chunk, weight in micro_steps(engine, micro_batches):  # weight 0: idle (ZeRO-3: as many passes)
                     if chunk is None:  # no pair on this rank at all
-                        idle_micro_step(engine, self.tokenizer.eos_token_id, cfg.optim.max_grad_norm)
+                        idle_micro_step(engine, self.stand_in_loss, cfg.optim.max_grad_norm)
+                        idle += 1.0
                         continue
                     loss, metrics = self.micro_batch_loss(pairs, chunk)
                     engine.backward(loss * len(chunk) * world_size() / step_total * weight, scale_wrt_gas=False)
                     backend.step(engine, cfg.optim.max_grad_norm)
                     means.add(metrics, len(chunk) * weight)
-        return means.means()
+        return {**means.means(), "idle_micro_steps": all_reduce_sum([idle])[0]}
+
+    def stand_in_loss(self) -> torch.Tensor:
+        """The pair loss on `stand_in_pairs`, for `idle_micro_step`: the same forward and outputs as a real
+        micro-batch (log-probs only: a backward through the entropy too made ZeRO-3's trace differ and hang)."""
+        return self.micro_batch_loss(stand_in_pairs(self.tokenizer.eos_token_id), [0])[0]
 
     def micro_batch_loss(self, pairs: SampledPairs, chunk: list[int]):
         """(mean loss over the pairs `chunk`, metrics): `algo.loss` + nll_alpha x chosen NLL against the reference

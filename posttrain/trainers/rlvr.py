@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -50,6 +51,7 @@ from posttrain.training import (
     idle_micro_step,
     micro_steps,
     policy_module,
+    policy_stand_in_loss,
     step_micro_batches,
     total_optimizer_steps,
 )
@@ -233,7 +235,8 @@ class RLVR:
         )  # fmt: skip
         for chunk, weight in micro_steps(engine, micro_batches):  # weight 0: an idle micro-step (ZeRO-3)
             if chunk is None:  # no sequence on this rank at all
-                idle_micro_step(engine, self.tokenizer.eos_token_id, cfg.optim.max_grad_norm)
+                stand_in = partial(policy_stand_in_loss, engine, self.tokenizer.eos_token_id)
+                idle_micro_step(engine, stand_in, cfg.optim.max_grad_norm)
                 continue
             logprobs, entropy, mask = completion_logprobs(
                 engine, [s.example for s in chunk], [s.prompt_length for s in chunk], algo.sampling.temperature

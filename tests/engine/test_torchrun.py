@@ -115,18 +115,24 @@ def test_zero3_dpo_reference_cache_and_uneven_eval_match_single_process(tmp_path
     assert two[-1]["eval_accuracy"] == pytest.approx(one[-1]["eval_accuracy"])
 
 
-def test_zero3_rlvr_with_groups_dropped_unevenly_matches_zero2(tmp_path):
-    """A KL reference and two epochs per rollout batch (so the old-log-prob pass runs) from a model that solves
-    some prompts: kept groups differ between the two ranks; ZeRO-3 must finish and match ZeRO-2. Under a token
-    budget (176 = prompt + response limits): the old-log-prob, reference and training forwards are packed up to it,
-    so their counts differ between the ranks too."""
-    sft = tmp_path / "sft"
+@pytest.fixture(scope="module")
+def solving_sft_model(tmp_path_factory):
+    """final/ of a 300-step SFT run: solves some arithmetic prompts, so sampled groups differ in reward."""
+    sft = tmp_path_factory.mktemp("solving_sft")
     result = run_posttrain(
         f"run_dir={sft}", "train.max_steps=300", "optim.lr=3e-3", "data.num_eval=0", "logger.progress_bar=false"
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    return sft / "final"
+
+
+def test_zero3_rlvr_with_groups_dropped_unevenly_matches_zero2(tmp_path, solving_sft_model):
+    """A KL reference and two epochs per rollout batch (so the old-log-prob pass runs) from a model that solves
+    some prompts: kept groups differ between the two ranks; ZeRO-3 must finish and match ZeRO-2. Under a token
+    budget (176 = prompt + response limits): the old-log-prob, reference and training forwards are packed up to it,
+    so their counts differ between the ranks too."""
     rlvr = [
-        "recipe=tiny_rlvr", f"model.path={sft / 'final'}", "rollout.backend=hf", "algo.kl_beta=0.05",
+        "recipe=tiny_rlvr", f"model.path={solving_sft_model}", "rollout.backend=hf", "algo.kl_beta=0.05",
         "algo.epochs_per_batch=2", "algo.prompts_per_step=8", "algo.sampling.n=4", "algo.sampling.temperature=1.0",
         "train.max_steps=8", "train.max_tokens_per_micro_batch=176",
         "data.num_eval=5", "train.eval_every=4", "logger.progress_bar=false",
@@ -139,6 +145,26 @@ def test_zero3_rlvr_with_groups_dropped_unevenly_matches_zero2(tmp_path):
     for key in ("reward_mean", "groups_kept_fraction", "eval_greedy_accuracy"):
         assert [m[key] for m in three if key in m] == [m[key] for m in two if key in m], key
     for key in ("kl", "clip_fraction"):
+        assert [m[key] for m in three if key in m] == pytest.approx([m[key] for m in two if key in m], abs=1e-4), key
+
+
+def test_zero3_online_dpo_with_a_rank_short_of_pairs_matches_zero2(tmp_path, solving_sft_model):
+    """Online DPO (verifier oracle) from a model that solves some prompts: the ranks keep different numbers of
+    pairs, and in some optimizer steps one has none (it runs the pair loss on a stand-in pair, times 0). Such a
+    step once hung ZeRO-3 (the stand-in's backward reached another model output than the real one's, so DeepSpeed's
+    parameter traces differed). ZeRO-3 must finish (a hang fails at the timeout) and match ZeRO-2."""
+    dno = [
+        "recipe=tiny_online_dpo", f"model.path={solving_sft_model}", "rollout=hf", "algo.iterations=2",
+        "algo.prompts_per_iteration=32", "data.num_eval=8", "logger.progress_bar=false",
+    ]  # fmt: skip
+    for zero in ("zero2", "zero3"):
+        torchrun(f"run_dir={tmp_path / zero}", f"deepspeed={zero}", *dno, timeout=400)
+    two, three = read_metrics(tmp_path / "zero2"), read_metrics(tmp_path / "zero3")
+    updates = [m for m in three if "idle_micro_steps" in m]
+    assert any(m["idle_micro_steps"] > 0 for m in updates), f"no rank ran short of pairs: {updates}"
+    for key in ("pairs_kept_fraction", "idle_micro_steps", "eval_greedy_accuracy"):
+        assert [m[key] for m in three if key in m] == [m[key] for m in two if key in m], key
+    for key in ("loss", "rewards/margin"):
         assert [m[key] for m in three if key in m] == pytest.approx([m[key] for m in two if key in m], abs=1e-4), key
 
 
