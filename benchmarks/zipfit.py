@@ -6,20 +6,26 @@
 The pool mixes arithmetic rows (data_recipes arithmetic task, 3-digit column addition) with unrelated text (game-move
 chats and README lines, repeated with a row number to fill the pool) in equal parts; the target is held-out
 arithmetic rows. Each side scores the whole pool and keeps the top half (`top_rows`); timed: building the
-scorer from the target + scoring + ranking, in one process, sides interleaved `--rounds` times, best and median
-per side, plus process CPU time. ZIP-FIT runs twice: `zipfit-native` (the compiled batch scorer,
-csrc/zipfit_ncd.cpp, on ONE thread like every other side; built and loaded before the clock starts) and
-`zipfit-python` (the same sizes from Python's zlib module); their kept rows are checked identical. Also reported:
-the precision of each side's kept rows (the share of arithmetic rows) and, for reference, the naive ZIP-FIT
-(recompressing target + row with zlib.compress per row, the default 32 KiB window) on a tenth of the pool.
-Prints a table and writes --out JSON.
+scorer from the target + scoring + ranking, in this process (one thread), process CPU time beside wall time.
+Sides, interleaved over `--rounds` rounds in rotated order (benchmarks/protocol.py: per-round ratios with median
+and spread, the load average per round, a WARNING when it exceeded the cores):
+- `zipfit` (ours): `posttrain select`'s default, the fixed-code DEFLATE sizes of the compiled scorer
+  (csrc/zipfit_ncd.cpp, built and loaded before the clock starts);
+- `zipfit-zlib`: the compiled scorer with zlib's DEFLATE (`--codec zlib`);
+- `zipfit-python`, `zipfit-zlib-python`: the same two codecs from Python (the same sizes: their kept rows are
+  checked identical to the compiled ones');
+- `ngram` (word 1-2-gram set overlap) and `dsir` (DSIR-style hashed importance weights): the embedding-free
+  baselines;
+- `naive-zipfit` (recompressing target + row with zlib.compress per row, the default 32 KiB window), on a tenth of
+  the pool: costs are compared per row.
+Also reported: the precision of each side's kept rows (the share of arithmetic rows). Prints the protocol table
+and writes --out JSON.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
+import os
 import sys
 import time
 import zlib
@@ -27,6 +33,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from protocol import compare, format_comparisons, protocol_summary, run_rounds, write_results  # noqa: E402
 
 from data_recipes import generate_task  # noqa: E402
 from data_recipes.zipfit import build_scorer, row_text, top_rows  # noqa: E402
@@ -56,14 +64,23 @@ def naive_zipfit(target: list[str], texts: list[str]) -> list[float]:
     return out
 
 
-def run_side(method: str, target: list[str], texts: list[str]) -> tuple[float, float, list[int]]:
+SIDES = {  # side: (method, native, codec)
+    "zipfit": ("zipfit", True, "fixed"),
+    "zipfit-zlib": ("zipfit", True, "zlib"),
+    "zipfit-python": ("zipfit", False, "fixed"),
+    "zipfit-zlib-python": ("zipfit", False, "zlib"),
+    "ngram": ("ngram", None, None),
+    "dsir": ("dsir", None, None),
+}
+
+
+def run_side(side: str, target: list[str], texts: list[str]) -> tuple[float, float, list[int]]:
     wall, cpu = time.perf_counter(), time.process_time()
-    if method == "naive-zipfit":
+    if side == "naive-zipfit":
         scores = naive_zipfit(target, texts)
-    elif method.startswith("zipfit-"):
-        scores = build_scorer("zipfit", target, native=method == "zipfit-native").scores(texts)
     else:
-        scores = build_scorer(method, target).scores(texts)
+        method, native, codec = SIDES[side]
+        scores = build_scorer(method, target, native=native, codec=codec or "fixed").scores(texts)
     kept = top_rows(scores, len(texts) // 2)
     return time.perf_counter() - wall, time.process_time() - cpu, kept
 
@@ -74,39 +91,40 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("zipfit_benchmark.json"))
     args = parser.parse_args()
+    os.environ.pop("POSTTRAIN_DISABLE_ZIPFIT_NATIVE", None)
     texts, is_arithmetic, target = make_pool(args.pool)
     build_scorer("zipfit", target, native=True)  # compile (first time) and load outside the timed region
-    sides = {"zipfit-native": texts, "zipfit-python": texts, "ngram": texts, "dsir": texts, "naive-zipfit": texts[::10]}
-    times: dict[str, list[tuple[float, float]]] = {side: [] for side in sides}
-    precision, kept_rows = {}, {}
-    for _ in range(args.rounds):
-        for side, pool in sides.items():
-            wall, cpu, kept = run_side(side, target, pool)
-            times[side].append((wall, cpu))
-            labels = is_arithmetic if side != "naive-zipfit" else is_arithmetic[::10]
-            precision[side], kept_rows[side] = sum(labels[i] for i in kept) / len(kept), kept
-    if kept_rows["zipfit-native"] != kept_rows["zipfit-python"]:
-        raise SystemExit("native and Python ZIP-FIT kept different rows: the sizes are supposed to be identical")
-    rows = {}
-    for side, pool in sides.items():
-        walls = [w for w, _ in times[side]]
-        rows[side] = {"rows": len(pool), "best_s": min(walls), "median_s": statistics.median(walls),
-                      "cpu_s": min(c for _, c in times[side]), "us_per_row": 1e6 * min(walls) / len(pool),
-                      "precision": precision[side]}  # fmt: skip
-    print(f"{'side':14} {'rows':>7} {'best s':>8} {'median s':>9} {'cpu s':>7} {'us/row':>7} {'precision':>9}")
-    for side, row in rows.items():
-        print(f"{side:14} {row['rows']:7d} {row['best_s']:8.3f} {row['median_s']:9.3f} {row['cpu_s']:7.3f} "
-              f"{row['us_per_row']:7.2f} {row['precision']:9.3f}")  # fmt: skip
-    result = {"pool": args.pool, "rounds": args.rounds, "threads": 1, "sides": rows}
-    for zipfit in ("zipfit-native", "zipfit-python"):
-        ratios = {other: rows[other]["us_per_row"] / rows[zipfit]["us_per_row"] for other in ("ngram", "dsir")}
-        print(f"baseline time / {zipfit} time at equal pool size (> 1: ZIP-FIT is faster): n-gram overlap "
-              f"{ratios['ngram']:.2f}x, DSIR-style {ratios['dsir']:.2f}x")  # fmt: skip
-        result.update({f"{other}_over_{zipfit}": ratio for other, ratio in ratios.items()})
-    speedup = rows["zipfit-python"]["us_per_row"] / rows["zipfit-native"]["us_per_row"]
-    print(f"zipfit-python time / zipfit-native time: {speedup:.2f}x (same kept rows)")
-    result["python_over_native"] = speedup
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    pools = {side: texts for side in SIDES} | {"naive-zipfit": texts[::10]}
+    labels = {side: is_arithmetic for side in SIDES} | {"naive-zipfit": is_arithmetic[::10]}
+    kept_rows: dict[str, list[int]] = {}
+
+    def one_side(side: str, _round: int) -> dict:
+        wall, cpu, kept = run_side(side, target, pools[side])
+        kept_rows[side] = kept
+        rows = len(pools[side])
+        precision = sum(labels[side][i] for i in kept) / len(kept)
+        return {"rows": rows, "wall_s": wall, "cpu_s": cpu, "us_per_row": 1e6 * wall / rows, "precision": precision}
+
+    rounds = run_rounds(list(pools), args.rounds, one_side)
+    for native, python in (("zipfit", "zipfit-python"), ("zipfit-zlib", "zipfit-zlib-python")):
+        if kept_rows[native] != kept_rows[python]:
+            raise SystemExit(f"{native} and {python} kept different rows: their sizes are supposed to be identical")
+
+    def cost(result: dict) -> tuple[float, float]:  # per row: the naive side scores a tenth of the pool
+        return result["wall_s"] / result["rows"], result["cpu_s"] / result["rows"]
+
+    comparisons = compare(rounds, cost, ours="zipfit", peers=[side for side in pools if side != "zipfit"])
+    print(f"{'side':20} {'rows':>7} {'us/row (median)':>16} {'precision':>9}")
+    sides = {}
+    for side in pools:
+        results = [r["results"][side] for r in rounds]
+        sides[side] = {"rows": results[0]["rows"], "us_per_row": [r["us_per_row"] for r in results],
+                       "precision": results[-1]["precision"]}  # fmt: skip
+        median = sorted(sides[side]["us_per_row"])[len(results) // 2]
+        print(f"{side:20} {results[0]['rows']:7d} {median:16.2f} {results[-1]['precision']:9.3f}")
+    print(format_comparisons("zipfit", comparisons, rounds))
+    write_results(args.out, {"pool": args.pool, "rounds": rounds, "sides": sides,
+                             "protocol": protocol_summary("zipfit", comparisons, rounds)})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -45,9 +45,11 @@ from pathlib import Path
 from typing import Any
 
 from data_recipes.decontaminate import normalize_words, read_rows, write_jsonl
+from data_recipes.fixed_deflate import FixedDeflateSizes
 from posttrain.errors import DataError
 
 TEXT_FIELDS = ("text", "question", "problem", "instruction")
+CODECS = ("fixed", "zlib")  # the first is the default of build_scorer and `posttrain select`
 LOOKAHEAD = 262  # DEFLATE's MIN_LOOKAHEAD: matches reach back at most window - 262 bytes
 
 
@@ -105,21 +107,26 @@ def target_chunks(texts: Sequence[str], chunks: int, chunk_bytes: int, seed: int
 class CompressionScorer:
     """ZIP-FIT alignment 1 - NCD(t, x), averaged over the target chunks t (module docstring for the tricks).
 
+    `codec`: "zlib" (zlib's DEFLATE at `level` / `mem_level`, gzip's own codec) or "fixed" (DEFLATE with the
+    fixed Huffman codes, sizes counted from a greedy parse of up to `max_chain` candidates:
+    data_recipes/fixed_deflate.py; `level` and `mem_level` unused).
     `native`: None uses the compiled scorer (data_recipes/zipfit_native.py) when it builds and is not disabled by
     POSTTRAIN_DISABLE_ZIPFIT_NATIVE, else this module's Python path; True requires it; False never uses it. Both
     give the same sizes, byte for byte; `backend` says which one runs ("native" or "python")."""
 
     def __init__(self, chunks: Sequence[bytes], level: int = 1, window_bits: int = 12, mem_level: int = 1,
-                 native: bool | None = None):  # fmt: skip
+                 native: bool | None = None, codec: str = "zlib", max_chain: int = 8):  # fmt: skip
+        if codec not in CODECS:
+            raise ValueError(f"codec={codec!r} is not one of {', '.join(CODECS)}")
         if not 9 <= window_bits <= 15 or not 1 <= mem_level <= 9:
             raise ValueError(f"window_bits={window_bits} must be in 9..15 and mem_level={mem_level} in 1..9")
         limit = (1 << window_bits) - LOOKAHEAD
         if max(len(chunk) for chunk in chunks) > limit:
             raise ValueError(f"a target chunk is longer than the {limit} bytes a {window_bits}-bit window reaches")
-        self.chunks = list(chunks)
+        self.chunks, self.codec, self.max_chain = list(chunks), codec, max_chain
         self.settings = (level, zlib.DEFLATED, -window_bits, mem_level)
-        self.targets = []  # (compressor after the chunk, C(chunk))
-        for chunk in self.chunks:
+        self.targets = []  # (compressor after the chunk, C(chunk)); fixed codec: (None, C(chunk))
+        for chunk in self.chunks if codec == "zlib" else ():
             compressor = zlib.compressobj(*self.settings)
             size = len(compressor.compress(chunk)) + len(compressor.flush(zlib.Z_SYNC_FLUSH))
             self.targets.append((compressor, size))
@@ -132,15 +139,32 @@ class CompressionScorer:
                 reason = build_failure() or f"{DISABLE_ENV_VAR} is set"
                 raise RuntimeError(f"the native ZIP-FIT scorer is unavailable: {reason}")
         self.backend = "python" if self.native is None else "native"
+        self.fixed = None  # the fixed codec's Python sizes (FixedDeflateSizes), built only for the Python backend
+        if codec == "fixed" and self.native is None:
+            self.fixed = FixedDeflateSizes(self.chunks, window_bits, max_chain)
+            self.targets = [(None, size) for size in self.fixed.target_sizes]
+        elif codec == "fixed":
+            target_sizes, _, _ = self.native.fixed_deflate_sizes(self.chunks, [], window_bits, max_chain)
+            self.targets = [(None, int(size)) for size in target_sizes]
+
+    def python_fixed(self) -> FixedDeflateSizes:
+        if self.fixed is None:
+            self.fixed = FixedDeflateSizes(self.chunks, -self.settings[2], self.max_chain)
+        return self.fixed
 
     def sizes(self, texts: Sequence[bytes]) -> list[int]:
         """C(x) of every row: one compressor, a full flush (history forgotten) after each row."""
+        if self.codec == "fixed":
+            return [self.python_fixed().size(x) for x in texts]
         stream = zlib.compressobj(*self.settings)
         compress, flush, full = stream.compress, stream.flush, zlib.Z_FULL_FLUSH
         return [len(compress(x)) + len(flush(full)) for x in texts]
 
     def joint_sizes(self, texts: Sequence[bytes]) -> list[list[int]]:
         """C(t x) of every row for each target chunk t: a copy of the state after t, per row."""
+        if self.codec == "fixed":
+            fixed = self.python_fixed()
+            return [[fixed.joint_size(k, x) for x in texts] for k in range(len(self.chunks))]
         out = []
         for compressor, target_size in self.targets:
             copy, sync = compressor.copy, zlib.Z_SYNC_FLUSH
@@ -154,6 +178,9 @@ class CompressionScorer:
 
         if self.native is not None:
             level, _, window_bits, mem_level = self.settings
+            if self.codec == "fixed":
+                _, sizes, joint = self.native.fixed_deflate_sizes(self.chunks, texts, -window_bits, self.max_chain)
+                return sizes, joint
             _, sizes, joint = self.native.compressed_sizes(self.chunks, texts, level, -window_bits, mem_level)
             return sizes, joint
         encoded = [text.encode() for text in texts]
@@ -230,12 +257,14 @@ class HashedNgramImportance:
 
 
 def build_scorer(method: str, target_texts: Sequence[str], chunks: int = 1, chunk_bytes: int | None = None,
-                 seed: int = 0, window_bits: int = 12, native: bool | None = None):  # fmt: skip
-    """The scorer of `method` (zipfit | ngram | dsir) for the target rows' texts (`native`: CompressionScorer's)."""
+                 seed: int = 0, window_bits: int = 12, native: bool | None = None,
+                 codec: str = CODECS[0]):  # fmt: skip
+    """The scorer of `method` (zipfit | ngram | dsir) for the target rows' texts (`native`, `codec`:
+    CompressionScorer's)."""
     if method == "zipfit":
         size = chunk_bytes or (1 << window_bits) - LOOKAHEAD
         chunk_texts = target_chunks(target_texts, chunks, size, seed)
-        return CompressionScorer(chunk_texts, window_bits=window_bits, native=native)
+        return CompressionScorer(chunk_texts, window_bits=window_bits, native=native, codec=codec)
     if method == "ngram":
         return NgramScorer(target_texts)
     if method == "dsir":
@@ -258,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunks", type=int, default=1, help="zipfit: target samples averaged over (default 1)")
     parser.add_argument("--window-bits", type=int, default=12, help="zipfit: DEFLATE window 2^bits (default 12)")
     parser.add_argument("--seed", type=int, default=0, help="zipfit: which target rows form the sample")
+    parser.add_argument("--codec", default=CODECS[0], choices=CODECS,
+                        help="zipfit: DEFLATE with fixed Huffman codes (fast) or zlib's DEFLATE")  # fmt: skip
     parser.add_argument("--scorer", default="auto", choices=("auto", "native", "python"),
                         help="zipfit: compiled if it builds (auto), compiled or fail (native), or Python")  # fmt: skip
     parser.add_argument("--report", type=Path, help="JSON: method, counts, seconds, kept rows' scores")
@@ -268,13 +299,14 @@ def main(argv: list[str] | None = None) -> int:
     pool = read_rows(args.pool, "pool")
     started = time.perf_counter()
     native = {"auto": None, "native": True, "python": False}[args.scorer]
-    scorer = build_scorer(args.method, target, args.chunks, None, args.seed, args.window_bits, native)
+    scorer = build_scorer(args.method, target, args.chunks, None, args.seed, args.window_bits, native, args.codec)
     scores = scorer.scores([row_text(r.row) for r in pool])
     kept = top_rows(scores, args.keep)
     seconds = time.perf_counter() - started
     write_jsonl(args.out, (pool[i].row for i in kept))
     backend = getattr(scorer, "backend", "python")  # the n-gram baselines are Python
-    report = {"method": args.method, "scorer": backend, "pool_rows": len(pool), "kept_rows": len(kept),
+    report = {"method": args.method, "codec": getattr(scorer, "codec", None), "scorer": backend,
+              "pool_rows": len(pool), "kept_rows": len(kept),
               "seconds": seconds, "kept_scores": [scores[i] for i in kept]}  # fmt: skip
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)
