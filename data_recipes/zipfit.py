@@ -9,25 +9,32 @@ ZIP-FIT ranks pool rows by their normalised compression distance to a sample of 
     NCD(t, x) = (C(t x) - min(C(t), C(x))) / max(C(t), C(x)),   C = DEFLATE-compressed length (gzip's codec),
 alignment(x) = mean over target chunks t of 1 - NCD(t, x), and keeps the N best aligned rows.
 
-What makes it cheap (a naive C(t x) recompresses the whole target for every row, and a full-size zlib state
-costs ~250 KiB of copying per row: ~450 us a row against ~7 us here):
-- the target chunk is compressed ONCE; its compressor state is copied (`compressobj.copy()`) for each row, so
-  C(t x) costs time proportional to len(x);
-- the state is small (`window_bits` 12: a 4 KiB window, `mem_level` 1), so a copy moves ~17 KiB; a chunk is
-  therefore a sample of target rows that fits the window (`chunk_bytes`): DEFLATE matches reach back only one
-  window, so more target text in one chunk would not be seen anyway. `chunks` > 1 averages over several
-  disjoint samples (each costs one more copy per row);
-- compression level 1 (zlib's fastest: short hash chains; level 9 walks long chains through a window full of
-  similar rows and costs ~30% more here, with the same selections in the tests);
-- every row is compressed once for C(x), all rows through ONE compressor with a full flush between rows (a full
-  flush forgets the history, so each row's bytes are those of a fresh compressor; tested).
-Speed, honestly (benchmarks/zipfit.py, one thread): the compiled batch scorer (csrc/zipfit_ncd.cpp, the same
-sizes byte for byte) takes ~7.5 us a row at ~80-byte rows, 1.2x this module's Python path and 1.3x the DSIR-style
-baseline (`--method dsir`), but 0.92-0.94x the speed of the plain word 1-2-gram set overlap (`--method ngram`):
-the cost is zlib's own (a flushed block per row, ~3.8 us for C(x) alone), not CPython's.
-C(s) here is raw DEFLATE ended by a sync flush (the bytes that transmit s, byte-aligned): C(t x) = C(t) +
-the bytes x adds after t. It stays within ~5% of len(zlib.compress(s)) (headers, the flush marker and, with the
-small buffers, more Huffman blocks; tested).
+Two codecs (`--codec`), both DEFLATE, gzip's format:
+- `fixed` (the default): DEFLATE with the fixed Huffman codes, its size counted from a greedy LZ77 parse
+  (data_recipes/fixed_deflate.py; the compiled scorer csrc/zipfit_ncd.cpp gives the same sizes byte for byte).
+  Each size is that of a real stream (tested: zlib inflates it back). No Huffman trees are built, which is
+  where zlib spends most of a short row's time.
+- `zlib`: zlib's own DEFLATE (dynamic trees), C(s) the raw stream ended by a sync flush (the bytes that transmit
+  s, byte-aligned), C(t x) = C(t) + the bytes x adds after t; within ~5% of len(zlib.compress(s)) (tested).
+  The two codecs' alignments correlate 0.97 (Pearson) over benchmarks/zipfit.py's pool and select the same
+  arithmetic rows there (precision 1.00 both).
+
+What makes it cheap (a naive C(t x) recompresses the whole target for every row: ~1,100 us a row):
+- the target chunk is parsed / compressed ONCE; C(t x) costs time proportional to len(x) (`fixed`: the chunk's
+  hash chains are read-only and shared by every row; `zlib`: its compressor state is copied per row, small
+  because `window_bits` 12 gives a 4 KiB window and `mem_level` 1);
+- a chunk is therefore a sample of target rows that fits the window (`chunk_bytes`): DEFLATE matches reach back
+  only one window, so more target text in one chunk would not be seen anyway. `chunks` > 1 averages over
+  several disjoint samples (each costs one more C(t x) per row);
+- `fixed` looks at the 8 most recent candidates for a match (`max_chain`; more changed no selection and cost
+  up to 2x); `zlib` runs at level 1 (its fastest: short hash chains);
+- `zlib`: every row is compressed once for C(x), all rows through ONE compressor with a full flush between rows
+  (a full flush forgets the history, so each row's bytes are those of a fresh compressor; tested).
+Speed (benchmarks/zipfit.py, one thread, ~80-byte rows, pool 20,000, idle machine): the default (`fixed`,
+compiled) 2.2 us a row, 5.2x faster than the word 1-2-gram set overlap baseline (`--method ngram`), 6.7x the
+DSIR-style baseline (`--method dsir`) and 5.0x the compiled `zlib` codec (zlib builds Huffman trees for every
+row's flushed block). Without the compiled scorer the `fixed` codec's Python path is ~75x slower than compiled
+(use `--codec zlib` there: ~1.2x).
 
 A row's text (`row_text`) is every message content of "messages" (else "prompt", "chosen", "rejected"), else a
 "text", "question", "problem" or "instruction" field, else the row's JSON.
