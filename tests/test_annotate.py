@@ -83,13 +83,18 @@ def test_annotate_writes_best_vs_worst_preference_rows(two_models, tmp_path, cap
     assert written[0]["ground_truth"] == "3"
 
 
-def test_annotate_samples_k_responses_when_rows_have_none(two_models, tmp_path):
+def test_annotate_samples_k_responses_when_rows_have_none(two_models, tmp_path, monkeypatch):
+    from posttrain.rollout.service import RolloutService
+
+    closed, close = [], RolloutService.close
+    monkeypatch.setattr(RolloutService, "close", lambda self: closed.append(self) or close(self))
     strong_dir, weak_dir = two_models
     rows = [{"prompt": [{"role": "user", "content": f"What is {a} + 1?"}]} for a in range(3)]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out.jsonl"
     argv = ["--strong", str(strong_dir), "--weak", str(weak_dir), "--prompts", str(tmp_path / "prompts.jsonl")]
     assert main([*argv, "--out", str(out), "--k", "3", "--max-tokens", "6", "--backend", "hf"]) == 0
+    assert len(closed) == 1  # the sampler's service is shut down once its samples are drawn
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert 1 <= len(written) <= 3  # a prompt whose 3 samples all score the same gives no row
     for row in written:

@@ -143,3 +143,19 @@ def test_peak_own_memory_of_a_process_tree_sees_a_grandchild_allocation():
     assert big >= 300 << 20 and small < 100 << 20, (big >> 20, small >> 20)
     with pytest.raises(AssertionError, match="exited 3: boom"):
         stack.peak_anon_rss(["bash", "-c", "echo boom; exit 3"], {}, timeout=60)
+
+
+def test_cleanup_closes_the_rollout_service_a_check_started_and_removes_the_work_dir():
+    class Service:
+        closed = 0
+
+        def close(self):
+            Service.closed += 1
+
+    context = {"rollout": Service()}
+    directory = stack.work_dir(context)
+    assert directory.is_dir()
+    stack.cleanup(context)
+    assert Service.closed == 1 and "rollout" not in context and not directory.exists()
+    stack.cleanup(context)  # twice: nothing left to close
+    assert Service.closed == 1

@@ -43,6 +43,9 @@ def work_dir(context: dict) -> Path:
 
 
 def cleanup(context: dict) -> None:
+    """Close the rollout service a check started (its engine), then remove the work directory."""
+    if "rollout" in context:
+        context.pop("rollout").close()
     if "work_dir" in context:
         shutil.rmtree(context["work_dir"], ignore_errors=True)
 

@@ -217,9 +217,14 @@ def final_dir(tmp_path, tiny_model, tiny_tokenizer):
     return path
 
 
-def test_tiny_model_end_to_end_on_the_hf_backend(final_dir, tmp_path):
+def test_tiny_model_end_to_end_on_the_hf_backend(final_dir, tmp_path, monkeypatch):
+    from posttrain.rollout.service import RolloutService
+
+    closed, close = [], RolloutService.close
+    monkeypatch.setattr(RolloutService, "close", lambda self: closed.append(self) or close(self))
     out = tmp_path / "results.json"
     results = evaluate_model(final_dir, ["arithmetic"], num=8, samples=2, backend="hf", max_tokens=12, out=out)
+    assert len(closed) == 1  # the service (its engine) is shut down before evaluate_model returns
     assert json.loads(out.read_text()) == results
     assert results["model"] == str(final_dir) and results["backend"] == "hf"
     assert results["settings"] == {
