@@ -10,7 +10,7 @@ import zlib
 import numpy as np
 import pytest
 from test_zipfit import mixed_pool
-from test_zipfit_native import varied_rows
+from test_zipfit_native import small_selection_argv, varied_rows
 
 from data_recipes import generate_task
 from data_recipes.fixed_deflate import (
@@ -129,12 +129,7 @@ def test_the_fixed_codec_keeps_the_arithmetic_rows_first_as_zlib_does():
 
 
 def test_select_writes_which_codec_ran(tmp_path):
-    target = generate_task("arithmetic", "eval", 20, seed=0, steps=True, operations="+")
-    pool = generate_task("arithmetic", "train", 10, seed=0) + [{"text": "rock paper scissors"}] * 10
-    for name, rows in (("target", target), ("pool", pool)):
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    argv = ["--target", str(tmp_path / "target.jsonl"), "--pool", str(tmp_path / "pool.jsonl"), "--keep", "10",
-            "--out", str(tmp_path / "kept.jsonl"), "--report", str(tmp_path / "report.json")]  # fmt: skip
+    argv = small_selection_argv(tmp_path)
     for codec in ("fixed", "zlib"):
         assert main([*argv, "--codec", codec]) == 0
         report = json.loads((tmp_path / "report.json").read_text())

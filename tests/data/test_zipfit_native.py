@@ -102,15 +102,20 @@ def test_a_failed_build_warns_once_and_falls_back_to_python(monkeypatch):
     assert first.scores(["What is 1 + 3?", "rock"])[0] > first.scores(["What is 1 + 3?", "rock"])[1]
 
 
-@pytest.mark.parametrize("scorer", ["auto", "python"])
-def test_select_reports_which_scorer_ran(tmp_path, capsys, scorer):
+def small_selection_argv(tmp_path) -> list[str]:
+    """`posttrain select` arguments over 20 arithmetic target rows and a pool of 10 arithmetic rows + 10 others,
+    keeping 10 (into kept.jsonl, with report.json)."""
     target = generate_task("arithmetic", "eval", 20, seed=0, steps=True, operations="+")
     pool = generate_task("arithmetic", "train", 10, seed=0) + [{"text": "rock paper scissors"}] * 10
     for name, rows in (("target", target), ("pool", pool)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    argv = ["--target", str(tmp_path / "target.jsonl"), "--pool", str(tmp_path / "pool.jsonl"), "--keep", "10",
+    return ["--target", str(tmp_path / "target.jsonl"), "--pool", str(tmp_path / "pool.jsonl"), "--keep", "10",
             "--out", str(tmp_path / "kept.jsonl"), "--report", str(tmp_path / "report.json")]  # fmt: skip
-    argv += ["--scorer", scorer]
+
+
+@pytest.mark.parametrize("scorer", ["auto", "python"])
+def test_select_reports_which_scorer_ran(tmp_path, capsys, scorer):
+    argv = small_selection_argv(tmp_path) + ["--scorer", scorer]
     assert main(argv) == 0
     expected = "native" if scorer == "auto" else "python"
     assert json.loads((tmp_path / "report.json").read_text())["scorer"] == expected
