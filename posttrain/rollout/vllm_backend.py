@@ -156,6 +156,12 @@ def engine_kwargs(
         kwargs["kv_cache_memory_bytes"] = kv_bytes
     if num_ranks > 1:
         kwargs["distributed_executor_backend"] = "external_launcher"
+    if not on_gpu:
+        # A prompt prefilled in chunks (the step's token budget, 4096 on CPU, ran out mid-prompt) has its sampled
+        # token discarded, and vLLM rewinds the request's generator for it: a seeded request's CPU generator cannot
+        # rewind ("CPU Generator does not use offset"), so seeded batches of more prompt tokens than the budget
+        # crashed (the demo's RLVR stage: 256 requests of 17 tokens). Unchunked, a prompt that does not fit waits.
+        kwargs["enable_chunked_prefill"] = False
     if lora_rank:
         kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank(lora_rank), max_loras=1)
     kwargs.update(dict(cfg.engine_kwargs))

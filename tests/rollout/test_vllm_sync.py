@@ -207,3 +207,18 @@ def test_engine_start_failure_is_a_config_error(rollout_service, tiny_tokenizer,
     model_dir = save_policy_dir(tiny_policy(tiny_tokenizer), tiny_tokenizer, tmp_path / "policy")
     with pytest.raises(ConfigError, match="vLLM could not start an engine .*max_model_len"):
         build_rollout_service(RolloutConfig(max_model_len=1_000_000), model_dir, tiny_tokenizer)
+
+
+def test_seeded_requests_with_more_prompt_tokens_than_one_step_holds(rollout_service, tiny_tokenizer):
+    """64 seeded prompts of 100 tokens are 6,400 prefill tokens, over vLLM's 4,096-token step budget on CPU. With
+    chunked prefill (vLLM's default) the prompt cut at the budget had its sample discarded and its CPU generator
+    rewound, which CPU generators cannot do: the engine crashed ("CPU Generator does not use offset"; the demo's RLVR
+    stage did). On CPU posttrain turns chunked prefill off: every prompt is prefilled whole."""
+    rollout_service.sync_weights(tiny_policy(tiny_tokenizer))
+    prompts = [[5 + (index + position) % 50 for position in range(100)] for index in range(64)]
+    sampling = SamplingConfig(temperature=1.0, n=1, seed=11, max_tokens=2)
+    completions = rollout_service.generate(prompts, sampling)
+    assert [c.prompt_index for c in completions] == list(range(64))
+    assert all(len(c.token_ids) >= 1 for c in completions)
+    again = rollout_service.generate(prompts, sampling)
+    assert [c.token_ids for c in again] == [c.token_ids for c in completions]  # seeded: the same samples
