@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 MIN_MATCH, MAX_MATCH = 3, 258
-LOOKAHEAD = 262
+LOOKAHEAD = 262  # DEFLATE's MIN_LOOKAHEAD: matches reach back at most window - 262 bytes
 BLOCK_BITS = 3 + 7  # block header + end-of-block (code 256: 7 bits)
 
 # (first length, extra bits) of length codes 257..285, and (first distance, extra bits) of distance codes 0..29
@@ -60,6 +60,7 @@ def distance_bits(distance: int) -> int:
 
 
 def max_distance(window_bits: int) -> int:
+    """The farthest a match reaches back in a 2^window_bits window (zlib's MAX_DIST); a target chunk fits in it."""
     return (1 << window_bits) - LOOKAHEAD
 
 

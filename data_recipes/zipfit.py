@@ -52,12 +52,11 @@ from pathlib import Path
 from typing import Any
 
 from data_recipes.decontaminate import normalize_words, read_rows, write_jsonl
-from data_recipes.fixed_deflate import FixedDeflateSizes
+from data_recipes.fixed_deflate import FixedDeflateSizes, max_distance
 from posttrain.errors import DataError
 
 TEXT_FIELDS = ("text", "question", "problem", "instruction")
 CODECS = ("fixed", "zlib")  # the first is the default of build_scorer and `posttrain select`
-LOOKAHEAD = 262  # DEFLATE's MIN_LOOKAHEAD: matches reach back at most window - 262 bytes
 
 
 def row_text(row: Any) -> str:
@@ -127,7 +126,7 @@ class CompressionScorer:
             raise ValueError(f"codec={codec!r} is not one of {', '.join(CODECS)}")
         if not 9 <= window_bits <= 15 or not 1 <= mem_level <= 9:
             raise ValueError(f"window_bits={window_bits} must be in 9..15 and mem_level={mem_level} in 1..9")
-        limit = (1 << window_bits) - LOOKAHEAD
+        limit = max_distance(window_bits)
         if max(len(chunk) for chunk in chunks) > limit:
             raise ValueError(f"a target chunk is longer than the {limit} bytes a {window_bits}-bit window reaches")
         self.chunks, self.codec, self.max_chain = list(chunks), codec, max_chain
@@ -269,7 +268,7 @@ def build_scorer(method: str, target_texts: Sequence[str], chunks: int = 1, chun
     """The scorer of `method` (zipfit | ngram | dsir) for the target rows' texts (`native`, `codec`:
     CompressionScorer's)."""
     if method == "zipfit":
-        size = chunk_bytes or (1 << window_bits) - LOOKAHEAD
+        size = chunk_bytes or max_distance(window_bits)
         chunk_texts = target_chunks(target_texts, chunks, size, seed)
         return CompressionScorer(chunk_texts, window_bits=window_bits, native=native, codec=codec)
     if method == "ngram":
