@@ -70,7 +70,7 @@ def _build_and_load() -> ModuleType:
     from torch.utils import cpp_extension
 
     import posttrain
-    from posttrain.ops.build import build_directory
+    from posttrain.ops.build import build_directory, build_lock
 
     source = Path(posttrain.__file__).resolve().parent / "csrc" / SOURCE
     if not source.is_file():
@@ -78,11 +78,12 @@ def _build_and_load() -> ModuleType:
     directory = build_directory(EXTENSION_NAME)
     directory.mkdir(parents=True, exist_ok=True)
     logger.info("loading the native ZIP-FIT scorer (compiles on first use, cached in %s)", directory)
-    return cpp_extension.load(
-        name=EXTENSION_NAME,
-        sources=[str(source)],
-        extra_cflags=["-O3"],
-        extra_ldflags=["-lz"],
-        build_directory=str(directory),
-        with_cuda=False,
-    )
+    with build_lock(directory):  # a killed process's leftover baton would block this load forever
+        return cpp_extension.load(
+            name=EXTENSION_NAME,
+            sources=[str(source)],
+            extra_cflags=["-O3"],
+            extra_ldflags=["-lz"],
+            build_directory=str(directory),
+            with_cuda=False,
+        )

@@ -10,10 +10,13 @@ naming the reason and returns None, so callers fall back to the PyTorch referenc
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +55,28 @@ def build_directory(name: str) -> Path:
     """Where the build named `name` is compiled and cached: $TORCH_EXTENSIONS_DIR/name, or the posttrain cache."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "posttrain" / "torch_extensions"
     return Path(root) / name
+
+
+@contextlib.contextmanager
+def build_lock(directory: Path) -> Iterator[None]:
+    """Hold an exclusive OS lock on `directory`/posttrain.lock around `cpp_extension.load` (build or load).
+
+    torch serialises builds with a baton: a plain file, `directory`/lock, that every load creates and deletes
+    (ninja checks the build even when nothing is stale). A process killed in between (a SIGKILLed run) leaves the
+    file behind, and every later load in that directory waits for it forever. An flock dies with its holder, so
+    while this one is held no other posttrain process is inside torch's load: a baton file found then is such a
+    leftover and is removed."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "posttrain.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            baton = directory / "lock"
+            if baton.exists():
+                logger.warning("removing %s, left by a process killed while it built or loaded the extension", baton)
+                baton.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def build_failure() -> str | None:
@@ -96,15 +121,16 @@ def _build_and_load() -> FusedExtension:
     logger.info("loading fused log-prob extension %s (compiles on first use, cached in %s)", name, directory)
     # -fopenmp: at::parallel_for is an inline OpenMP template (without it the kernel runs on one thread), and it
     # enables the kernel's `omp simd` loops; -fno-trapping-math (as torch itself uses) lets them vectorise.
-    library_path = cpp_extension.load(
-        name=name,
-        sources=[str(path) for path in sources],
-        extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math"],
-        extra_cuda_cflags=["-O3"],
-        build_directory=str(directory),
-        with_cuda=with_cuda,
-        is_python_module=False,  # the library only registers torch ops; loading it is enough
-    )
+    with build_lock(directory):
+        library_path = cpp_extension.load(
+            name=name,
+            sources=[str(path) for path in sources],
+            extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math"],
+            extra_cuda_cflags=["-O3"],
+            build_directory=str(directory),
+            with_cuda=with_cuda,
+            is_python_module=False,  # the library only registers torch ops; loading it is enough
+        )
     return FusedExtension(str(library_path), frozenset({"cpu", "cuda"} if with_cuda else {"cpu"}))
 
 

@@ -6,15 +6,19 @@ fails these tests rather than skipping them: the fallback is tested on purpose, 
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
+import signal
+import subprocess
+import sys
 import textwrap
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import PEAK_EXTRA_BYTES, run_python
+from helpers import PEAK_EXTRA_BYTES, REPO, run_python
 
 import posttrain.ops as ops
 from posttrain.ops import build, fused
@@ -305,3 +309,47 @@ def test_peak_extra_memory_is_independent_of_the_logits_size(fused_ops):
     assert result["naive"]["step"] >= 2 * logits_bytes, result
     assert result["fused"]["forward"] < logits_bytes / 8, result
     assert result["fused"]["step"] < grad_weight_bytes + logits_bytes / 8, result
+
+
+def test_a_killed_loaders_baton_does_not_block_the_next_load(fused_ops):
+    """torch's build baton (`lock` in the build directory) is a plain file: a process SIGKILLed inside
+    `cpp_extension.load` leaves it, and every later load waited for it forever (seen: an RLVR rerun after a
+    SIGKILL hung). Here a process is killed while it holds posttrain's build lock, with a baton planted as it would
+    leave one; a fresh interpreter then loads the real extension within the timeout, and the baton is gone."""
+    directory = build.build_directory("posttrain_fused_logprobs")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import pathlib, sys, time
+            from posttrain.ops.build import build_lock
+            with build_lock(pathlib.Path({str(directory)!r})):
+                (pathlib.Path({str(directory)!r}) / "lock").touch()
+                print("holding", flush=True)
+                time.sleep(600)
+        """)],
+        env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+        assert (directory / "lock").exists()  # the dead holder's baton
+        code = "from posttrain.ops import build; print(build.load_fused_extension() is not None)"
+        loaded = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)},
+                                capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert loaded.stdout.strip().splitlines()[-1] == "True", loaded.stderr[-2000:]
+        assert not (directory / "lock").exists()
+        assert "left by a process killed" in loaded.stderr
+    finally:
+        holder.kill()
+        (directory / "lock").unlink(missing_ok=True)
+
+
+def test_the_build_lock_is_exclusive_and_removes_a_leftover_baton(tmp_path):
+    (tmp_path / "lock").touch()
+    with build.build_lock(tmp_path):
+        assert not (tmp_path / "lock").exists()
+        with open(tmp_path / "posttrain.lock") as handle:  # another holder cannot take it meanwhile
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(tmp_path / "posttrain.lock") as handle:  # released on exit
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
