@@ -145,15 +145,17 @@ class CompressionScorer:
                 reason = build_failure() or f"{DISABLE_ENV_VAR} is set"
                 raise RuntimeError(f"the native ZIP-FIT scorer is unavailable: {reason}")
         self.backend = "python" if self.native is None else "native"
-        self.fixed = None  # the fixed codec's Python sizes (FixedDeflateSizes), built only for the Python backend
-        if codec == "fixed" and self.native is None:
-            self.fixed = FixedDeflateSizes(self.chunks, window_bits, max_chain)
-            self.targets = [(None, size) for size in self.fixed.target_sizes]
-        elif codec == "fixed":
-            target_sizes, _, _ = self.native.fixed_deflate_sizes(self.chunks, [], window_bits, max_chain)
+        self.fixed = None  # the fixed codec's Python twin (FixedDeflateSizes), built when the Python path needs it
+        if codec == "fixed":
+            target_sizes = (
+                self.native.fixed_deflate_sizes(self.chunks, [], window_bits, max_chain)[0]
+                if self.native is not None
+                else self.python_fixed().target_sizes
+            )
             self.targets = [(None, int(size)) for size in target_sizes]
 
     def python_fixed(self) -> FixedDeflateSizes:
+        """The fixed codec's Python sizes (built on first use: parsing the chunks costs ~10 ms each)."""
         if self.fixed is None:
             self.fixed = FixedDeflateSizes(self.chunks, -self.settings[2], self.max_chain)
         return self.fixed

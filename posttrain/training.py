@@ -37,7 +37,6 @@ from posttrain.errors import ConfigError
 from posttrain.logging import MetricsLogger
 from posttrain.models.loading import DTYPES, load_model, load_tokenizer
 from posttrain.models.logprob_model import CausalLMWithLogprobs
-from posttrain.models.logprobs import completion_logprobs, idle_example
 from posttrain.models.lora import wrap_lora
 from posttrain.run_dir import lock_run_dir, resume_point, unlock_run_dir, write_config
 
@@ -211,13 +210,6 @@ def idle_micro_step(engine, stand_in_loss: Callable[[], torch.Tensor], max_grad_
     model, another output) records another trace; DeepSpeed then waits in a collective the others never join."""
     engine.backward(stand_in_loss() * 0.0, scale_wrt_gas=False)
     backend.step(engine, max_grad_norm)
-
-
-def policy_stand_in_loss(engine, token_id: int) -> torch.Tensor:
-    """The stand-in loss of the policy-gradient trainers (`idle_micro_step`): their losses reach both outputs of
-    the forward, log-probs and entropy (an entropy coefficient of 0 still keeps it in the graph)."""
-    logprobs, entropy, _ = completion_logprobs(engine, [idle_example(token_id)], [1])
-    return logprobs.sum() + entropy.sum()
 
 
 def step_micro_batches(

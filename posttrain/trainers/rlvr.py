@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ from posttrain.errors import ConfigError
 from posttrain.losses import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES
 from posttrain.losses.policy import AGGREGATIONS, IMPORTANCE_LEVELS, chunk_loss_weight
 from posttrain.losses.rollout_correction import MISMATCH_SUMS, corrected_policy_loss, mismatch_metrics
-from posttrain.models.logprobs import completion_logprob_rows, completion_logprobs, padded_rows
+from posttrain.models.logprobs import completion_logprob_rows, completion_logprobs, idle_example, padded_rows
 from posttrain.models.reference import (
     reference_logprob_rows,
     refresh_reference,
@@ -51,7 +50,6 @@ from posttrain.training import (
     idle_micro_step,
     micro_steps,
     policy_module,
-    policy_stand_in_loss,
     step_micro_batches,
     total_optimizer_steps,
 )
@@ -235,8 +233,7 @@ class RLVR:
         )  # fmt: skip
         for chunk, weight in micro_steps(engine, micro_batches):  # weight 0: an idle micro-step (ZeRO-3)
             if chunk is None:  # no sequence on this rank at all
-                stand_in = partial(policy_stand_in_loss, engine, self.tokenizer.eos_token_id)
-                idle_micro_step(engine, stand_in, cfg.optim.max_grad_norm)
+                idle_micro_step(engine, self.stand_in_loss, cfg.optim.max_grad_norm)
                 continue
             logprobs, entropy, mask = completion_logprobs(
                 engine, [s.example for s in chunk], [s.prompt_length for s in chunk], algo.sampling.temperature
@@ -266,6 +263,12 @@ class RLVR:
         totals = dict(zip(sums, all_reduce_sum(list(sums.values()))))
         keys = ("clip_fraction", "entropy", "kl") if algo.kl_beta else ("clip_fraction", "entropy")
         return {**{key: totals[key] / max(totals["tokens"], 1.0) for key in keys}, **mismatch_metrics(totals)}
+
+    def stand_in_loss(self) -> torch.Tensor:
+        """The policy forward on `idle_example`, for `idle_micro_step`: the policy losses reach both outputs,
+        log-probs and entropy (an entropy coefficient of 0 still keeps it in the graph), so the stand-in does too."""
+        logprobs, entropy, _ = completion_logprobs(self.engine, [idle_example(self.tokenizer.eos_token_id)], [1])
+        return logprobs.sum() + entropy.sum()
 
     def evaluate(self) -> dict[str, float]:
         """Verified accuracy on the held-out prompts: `eval_greedy_accuracy` always; with eval.samples > 0 also
