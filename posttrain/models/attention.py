@@ -67,22 +67,36 @@ PACKED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def packed_sdpa_attention(
-    module, query, key, value, attention_mask, dropout=0.0, scaling=None, packed_sequence_lengths=None, **kwargs
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout=0.0,
+    scaling=None,
+    packed_sequence_lengths=None,
+    packed_prompt_groups=None,
+    **kwargs,
 ):
     """transformers' sdpa attention (query [B, heads, T, d], key / value [B, kv heads, T, d] -> [B, T, heads, d]),
     and with `packed_sequence_lengths` (a list summing to T, B = 1, no mask) one causal sdpa call per sequence of
     the packed row, outputs concatenated: no N x N mask, no padding, attention work sum(L^2) instead of N^2.
-    Scaling, dropout and grouped-query heads are sdpa_attention_forward's own, call by call."""
-    if packed_sequence_lengths is None:
+    With `packed_prompt_groups` instead, the row holds prompts shared by several completions
+    (`shared_prompt_attention`). Scaling, dropout and grouped-query heads are sdpa_attention_forward's own, call
+    by call."""
+    if packed_sequence_lengths is None and packed_prompt_groups is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    if attention_mask is not None or query.shape[0] != 1 or sum(packed_sequence_lengths) != query.shape[2]:
+    total = sum(packed_sequence_lengths) if packed_prompt_groups is None else prompt_groups_length(packed_prompt_groups)
+    if attention_mask is not None or query.shape[0] != 1 or total != query.shape[2]:
         raise ValueError(
-            f"packed_sequence_lengths (summing to {sum(packed_sequence_lengths)}) describe one packed row without "
-            f"an attention mask; got query {tuple(query.shape)} and a mask: {attention_mask is not None}"
+            f"packed_sequence_lengths or packed_prompt_groups (covering {total} positions) describe one packed row "
+            f"without an attention mask; got query {tuple(query.shape)} and a mask: {attention_mask is not None}"
         )
     kwargs.pop("is_causal", None)
+    if packed_prompt_groups is not None:
+        return shared_prompt_attention(module, query, key, value, packed_prompt_groups, dropout, scaling, **kwargs)
     outputs = [
         sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=True, **kwargs)[0]
         for q, k, v in zip(
@@ -91,6 +105,57 @@ def packed_sdpa_attention(
             value.split(packed_sequence_lengths, 2),
         )
     ]
+    return torch.cat(outputs, 1), None
+
+
+def prompt_groups_length(groups) -> int:
+    """Positions a packed row of `groups` ((prompt length, completion lengths) each) holds: every prompt once."""
+    return sum(prompt + sum(completions) for prompt, completions in groups)
+
+
+def shared_prompt_attention(module, query, key, value, groups, dropout, scaling, **kwargs):
+    """Causal attention over a packed row laid out as `groups`: for each (prompt length P, completion lengths
+    L_1..L_G), the prompt's P positions once, then each completion's L_i positions, which attend to the prompt
+    and to their own completion only (what they would see in the sequence prompt + completion i).
+
+    Per group, one causal sdpa call over the prompt, then one per completion: its L_i queries over the prompt's
+    keys and values followed by its own, under a causal mask aligned to the bottom right (query t sees the
+    prompt and its completion up to t). The prompt's keys and values are shared by the G calls (their gradients
+    add up); no prompt query is computed twice. Everything outside attention (projections, MLP, norms, the head)
+    runs on the prompt once. The row is cut with `split`, whose backward is one concatenation (slicing it per
+    piece would zero-fill a gradient of the whole row for every piece)."""
+    segments = [length for prompt, completions in groups for length in (prompt, *completions)]
+    queries, keys, values = (t.split(segments, 2) for t in (query, key, value))
+    outputs, index, masks = [], 0, {}
+    for prompt, completions in groups:
+        k_prompt, v_prompt = keys[index], values[index]
+        outputs.append(
+            sdpa_attention_forward(
+                module, queries[index], k_prompt, v_prompt, None, dropout=dropout, scaling=scaling, is_causal=True,
+                **kwargs,
+            )[0]
+        )  # fmt: skip
+        index += 1
+        for length in completions:
+            if length == 0:  # nothing attends; the split gave it an empty piece
+                index += 1
+                continue
+            if (prompt, length) not in masks:
+                visible = torch.ones(length, prompt + length, dtype=torch.bool, device=query.device)
+                masks[prompt, length] = visible.tril(diagonal=prompt)[None, None]
+            output = sdpa_attention_forward(
+                module,
+                queries[index],
+                torch.cat([k_prompt, keys[index]], 2),
+                torch.cat([v_prompt, values[index]], 2),
+                masks[prompt, length],
+                dropout=dropout,
+                scaling=scaling,
+                is_causal=False,
+                **kwargs,
+            )[0]
+            outputs.append(output)
+            index += 1
     return torch.cat(outputs, 1), None
 
 
@@ -186,13 +251,36 @@ def to_rows(layout: RowLayout, input_ids: torch.Tensor, position_ids: torch.Tens
     return ids, positions
 
 
-def decoder_hidden_states(decoder, input_ids, position_ids=None, attention_mask=None) -> torch.Tensor:
+def shares_prompts(config) -> bool:
+    """Whether a model with this config attends through `packed_prompt_groups` (`shared_prompt_attention`)."""
+    return getattr(config, "_attn_implementation", None) == PACKED_SDPA
+
+
+def decoder_hidden_states(
+    decoder, input_ids, position_ids=None, attention_mask=None, prompt_groups=None
+) -> torch.Tensor:
     """The decoder's final hidden states [B, T, H] for `input_ids` [B, T]. A packed row ([1, N], restarting
     position_ids, no mask) under a kernel without varlen support runs as rows of its longest sequence
     (`row_layout`), or under `PACKED_SDPA` as the one row with attention split per sequence; the states come back
-    in packed order, so the caller cannot tell."""
+    in packed order, so the caller cannot tell. `prompt_groups` ((prompt length, completion lengths) each, in
+    row order; `PACKED_SDPA` only, see `shares_prompts`): the row holds each prompt once, followed by its
+    completions, whose position_ids continue the prompt's (`shared_prompt_attention`)."""
     layout = None
     implementation = getattr(decoder.config, "_attn_implementation", None)
+    if prompt_groups is not None:
+        if implementation != PACKED_SDPA or input_ids.shape[0] != 1 or attention_mask is not None:
+            raise ValueError(
+                f"prompt_groups need one packed row [1, N] without a mask under {PACKED_SDPA}; got input_ids "
+                f"{tuple(input_ids.shape)}, attention {implementation}, a mask: {attention_mask is not None}"
+            )
+        output = decoder(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=torch.ones_like(input_ids),
+            use_cache=False,
+            packed_prompt_groups=prompt_groups,
+        )
+        return output.last_hidden_state
     packed = (
         attention_mask is None
         and position_ids is not None

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from posttrain.data.chat import IGNORE_INDEX
-from posttrain.models.attention import decoder_hidden_states
+from posttrain.models.attention import decoder_hidden_states, shares_prompts
 from posttrain.ops import linear_cross_entropy, linear_logprobs
 
 
@@ -40,10 +40,15 @@ class CausalLMWithLogprobs(nn.Module):
     def lm_head(self) -> nn.Module:
         return base_causal_lm(self.policy).get_output_embeddings()
 
-    def hidden_states(self, input_ids, position_ids=None, attention_mask=None) -> torch.Tensor:
+    @property
+    def shares_prompts(self) -> bool:
+        """Whether forward takes `prompt_groups` (a row holding each prompt once for several completions)."""
+        return shares_prompts(base_causal_lm(self.policy).config)
+
+    def hidden_states(self, input_ids, position_ids=None, attention_mask=None, prompt_groups=None) -> torch.Tensor:
         """Final (normed) hidden states [B, T, H] of the decoder."""
         decoder = base_causal_lm(self.policy).get_decoder()
-        return decoder_hidden_states(decoder, input_ids, position_ids, attention_mask)
+        return decoder_hidden_states(decoder, input_ids, position_ids, attention_mask, prompt_groups)
 
     def forward(
         self,
@@ -54,6 +59,8 @@ class CausalLMWithLogprobs(nn.Module):
         temperature: float = 1.0,
         head_fn=None,
         token_weights=None,
+        prompt_groups=None,
+        target_positions=None,
     ):
         """(logprobs [B, T], entropy [B, T]) float32 of `targets` (IGNORE_INDEX positions give 0).
 
@@ -61,9 +68,14 @@ class CausalLMWithLogprobs(nn.Module):
         positions whose target is not IGNORE_INDEX, in row-major order. It runs inside this forward, where ZeRO-3
         has gathered the lm_head weight.
         token_weights [B, T] float: instead, return the float32 scalar sum_t token_weights_t * (-logp_t) over the
-        positions whose target is not IGNORE_INDEX (`linear_cross_entropy`, fused when self.fused)."""
-        hidden = self.hidden_states(input_ids, position_ids, attention_mask)
+        positions whose target is not IGNORE_INDEX (`linear_cross_entropy`, fused when self.fused).
+        prompt_groups: the row holds shared prompts (`decoder_hidden_states`); target_positions [M]: then
+        `targets` [M] are the tokens predicted from those row positions (a shared prompt's last position predicts
+        the first token of each of its completions), and the log-probs and entropies come back [M]."""
+        hidden = self.hidden_states(input_ids, position_ids, attention_mask, prompt_groups)
         head = self.lm_head
+        if target_positions is not None:
+            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_positions)
         if head_fn is not None:
             rows = hidden.reshape(-1, hidden.shape[-1])[targets.reshape(-1) != IGNORE_INDEX]
             return head_fn(rows, head.weight, head.bias)

@@ -42,12 +42,88 @@ def pair_logprob_sums(model, batch: PairBatch, temperature: float = 1.0) -> tupl
     return sums[: batch.num_pairs], sums[batch.num_pairs :]
 
 
+def collate_shared_prompts(
+    examples: Sequence[TokenizedExample], prompt_lengths: Sequence[int]
+) -> tuple[dict, list[tuple[int, int]]]:
+    """One packed row that holds each distinct prompt once, followed by the completions of every example that
+    starts with it (in order of first appearance), and where each example's completion targets sit:
+
+    inputs: input_ids and position_ids [1, N] (a completion's positions continue its prompt's), targets [M] (the
+    completion labels of every example) with target_positions [M] (the row position each is predicted from: the
+    prompt's last position for a completion's first token), and prompt_groups ((prompt length, completion
+    lengths) per prompt, for `decoder_hidden_states`). spans[b]: (start, length) of example b's targets in M."""
+    members: dict[tuple[int, ...], list[int]] = {}
+    for index, (example, prompt) in enumerate(zip(examples, prompt_lengths)):
+        if prompt < 1:
+            raise ValueError(f"example {index} has an empty prompt: nothing to predict its first completion token from")
+        members.setdefault(tuple(example.input_ids[:prompt]), []).append(index)
+    input_ids: list[int] = []
+    positions: list[int] = []
+    targets: list[int] = []
+    target_positions: list[int] = []
+    groups: list[tuple[int, tuple[int, ...]]] = []
+    spans: list[tuple[int, int]] = [(0, 0)] * len(examples)
+    for prompt_ids, indices in members.items():
+        prompt, last = len(prompt_ids), len(input_ids) + len(prompt_ids) - 1
+        input_ids += prompt_ids
+        positions += range(prompt)
+        lengths = []
+        for index in indices:
+            completion, labels = examples[index].input_ids[prompt:], examples[index].labels[prompt:]
+            start, length = len(input_ids), len(completion)
+            spans[index] = (len(targets), length)
+            targets += labels
+            target_positions += [last, *range(start, start + length - 1)][:length]
+            input_ids += completion
+            positions += range(prompt, prompt + length)
+            lengths.append(length)
+        groups.append((prompt, tuple(lengths)))
+    inputs = {
+        "input_ids": torch.tensor([input_ids]),
+        "position_ids": torch.tensor([positions]),
+        "targets": torch.tensor(targets, dtype=torch.long),
+        "target_positions": torch.tensor(target_positions, dtype=torch.long),
+        "prompt_groups": groups,
+    }
+    return inputs, spans
+
+
+def shared_prompt_logprobs(
+    model, examples: Sequence[TokenizedExample], prompt_lengths: Sequence[int], temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`completion_logprobs` from a forward over `collate_shared_prompts`' row: each prompt once."""
+    inputs, spans = collate_shared_prompts(examples, prompt_lengths)
+    device = model_device(model)
+    groups = inputs.pop("prompt_groups")
+    inputs = {key: value.to(device) for key, value in inputs.items()}
+    token_logprobs, token_entropy = model(temperature=temperature, prompt_groups=groups, **inputs)
+    width = max(length for _, length in spans)
+    rows = torch.tensor([row for row, (_, length) in enumerate(spans) for _ in range(length)], dtype=torch.long)
+    columns = torch.tensor([column for _, length in spans for column in range(length)], dtype=torch.long)
+    order = torch.tensor([start + column for start, length in spans for column in range(length)], dtype=torch.long)
+    rows, columns, order = rows.to(device), columns.to(device), order.to(device)
+    logprobs = token_logprobs.new_zeros(len(spans), width)
+    entropy, mask = torch.zeros_like(logprobs), torch.zeros_like(logprobs)
+    logprobs = logprobs.index_put((rows, columns), token_logprobs.index_select(0, order))
+    entropy = entropy.index_put((rows, columns), token_entropy.index_select(0, order))
+    mask[rows, columns] = 1.0
+    return logprobs, entropy, mask
+
+
 def completion_logprobs(
-    model, examples: Sequence[TokenizedExample], prompt_lengths: Sequence[int], temperature: float = 1.0
+    model,
+    examples: Sequence[TokenizedExample],
+    prompt_lengths: Sequence[int],
+    temperature: float = 1.0,
+    share_prompts: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logprobs, entropy, mask), each [B, L] float32, of every example's completion tokens from ONE packed
     forward: row b holds the log-probs (and entropies) of the tokens after `prompt_lengths[b]`, padded with
-    zeros to the longest completion L; `mask` is 1 on real completion tokens."""
+    zeros to the longest completion L; `mask` is 1 on real completion tokens. `share_prompts` (the model must
+    support it: `CausalLMWithLogprobs.shares_prompts`): examples with the same prompt put it in the forward once
+    (`shared_prompt_logprobs`); same results, fewer tokens through the model."""
+    if share_prompts:
+        return shared_prompt_logprobs(model, examples, prompt_lengths, temperature)
     batch = {key: value.to(model_device(model)) for key, value in collate_packed(list(examples)).items()}
     targets = batch.pop("targets")
     token_logprobs, token_entropy = model(targets=targets, temperature=temperature, **batch)
@@ -96,10 +172,12 @@ def completion_logprob_rows(
     micro_batch_size: int,
     temperature: float = 1.0,
     max_tokens: int | None = None,
+    share_prompts: bool = False,
 ) -> list[torch.Tensor]:
     """Each completion's token log-probs [L_b] under `model` (no grad), in the order of `examples`:
-    `micro_batch_size` completions a forward, or packed up to `max_tokens` tokens a forward (`scoring_batches`).
-    Ranks with fewer forwards run idle ones up to the largest count (`agreed_batches`): a collective."""
+    `micro_batch_size` completions a forward, or packed up to `max_tokens` tokens a forward (`scoring_batches`;
+    `share_prompts`: a forward holds each of its prompts once, see `completion_logprobs`). Ranks with fewer
+    forwards run idle ones up to the largest count (`agreed_batches`): a collective."""
     batches = scoring_batches([[len(example.input_ids)] for example in examples], micro_batch_size, max_tokens, False)
     rows: list[torch.Tensor] = [torch.empty(0)] * len(examples)
     for batch in agreed_batches(batches):
@@ -107,7 +185,8 @@ def completion_logprob_rows(
             idle_forward(model)
             continue
         chosen = [examples[i] for i in batch]
-        logprobs, _, mask = completion_logprobs(model, chosen, [prompt_lengths[i] for i in batch], temperature)
+        prompts = [prompt_lengths[i] for i in batch]
+        logprobs, _, mask = completion_logprobs(model, chosen, prompts, temperature, share_prompts)
         for row, position in enumerate(batch):
             rows[position] = logprobs[row, : int(mask[row].sum())]
     return rows

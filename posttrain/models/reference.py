@@ -154,11 +154,20 @@ def restore_reference_weights(reference: torch.nn.Module, checkpoint: Path, zero
 
 
 def reference_logprob_rows(
-    reference, policy_engine, examples, prompt_lengths, micro_batch_size, temperature, max_tokens=None
+    reference,
+    policy_engine,
+    examples,
+    prompt_lengths,
+    micro_batch_size,
+    temperature,
+    max_tokens=None,
+    share_prompts=False,
 ):
     """Per-token reference log-probs of each completion (`completion_logprob_rows`, `max_tokens` tokens a forward
-    when set): from the frozen `reference`, or, when it is None (LoRA), from the policy with its adapters switched
-    off (the base model is the reference)."""
+    when set, each prompt once a forward with `share_prompts`): from the frozen `reference`, or, when it is None
+    (LoRA), from the policy with its adapters switched off (the base model is the reference)."""
     model = reference if reference is not None else policy_engine
     with contextlib.nullcontext() if reference is not None else policy_engine.module.policy.disable_adapter():
-        return completion_logprob_rows(model, examples, prompt_lengths, micro_batch_size, temperature, max_tokens)
+        return completion_logprob_rows(
+            model, examples, prompt_lengths, micro_batch_size, temperature, max_tokens, share_prompts
+        )

@@ -87,6 +87,15 @@ class PolicySample:
     reference_logprobs: torch.Tensor | None = None  # [L] the KL reference's
 
 
+def grouped_by_prompt(samples: Sequence[PolicySample]) -> list[PolicySample]:
+    """`samples` with those of the same prompt next to each other (prompts in order of first appearance, samples
+    in their order within a prompt), so that a micro-batch split keeps groups whole for shared-prompt forwards."""
+    groups: dict[tuple[int, ...], list[PolicySample]] = {}
+    for sample in samples:
+        groups.setdefault(tuple(sample.example.input_ids[: sample.prompt_length]), []).append(sample)
+    return [sample for group in groups.values() for sample in group]
+
+
 def policy_samples(
     completions: Sequence[Completion], advantages: torch.Tensor, keep: torch.Tensor
 ) -> list[PolicySample]:

@@ -40,7 +40,7 @@ from posttrain.rewards import VERIFIERS
 from posttrain.rewards.reward import rollout_reward_metrics, verified_fraction
 from posttrain.rollout.config import SamplingConfig
 from posttrain.rollout.rl_groups import rl_option_problems, sample_training_groups
-from posttrain.rollout.samples import PolicySample, lora_rank, rollout_model_dir
+from posttrain.rollout.samples import PolicySample, grouped_by_prompt, lora_rank, rollout_model_dir
 from posttrain.rollout.service import build_rollout_service
 from posttrain.trainers import register_algo
 from posttrain.training import (
@@ -91,6 +91,9 @@ class RLVRAlgoConfig:
     nonstop_penalty: float = 0.0  # added when a completion hits max_tokens without stopping (Tülu 3: -10)
     verifier_timeout_s: float = 3.0
     reference_refresh_every: int = 0  # optimizer steps between copies of the policy into the reference (0: never)
+    # Training and scoring forwards hold each group's prompt once for its G completions (same log-probs, fewer
+    # tokens through the model), where the attention supports it (sdpa: `shared_prompt_attention`); else off.
+    share_prompts: bool = True
 
 
 def check_config(cfg) -> None:
@@ -153,6 +156,12 @@ class RLVR:
         if run.checkpoint is not None and self.reference is not None:
             zero_stage = cfg.deepspeed.zero_stage
             self.reference_refreshed = restore_reference_weights(self.reference, run.checkpoint, zero_stage)
+        self.share_prompts = cfg.algo.share_prompts and module.shares_prompts
+        if cfg.algo.share_prompts and not self.share_prompts:
+            log.info(
+                "algo.share_prompts: off, the attention (%s) cannot hold a prompt once for several completions; "
+                "each completion's forward carries its own prompt", module.policy.config._attn_implementation,
+            )  # fmt: skip
         model_dir = rollout_model_dir(cfg, run.run_dir, self.engine.module.policy, self.tokenizer)
         self.rollout = build_rollout_service(cfg.rollout, model_dir, self.tokenizer, lora_rank(cfg))
         self.rollout.sync_weights(self.engine)  # the engine may hold older weights than the trainer (resume)
@@ -201,11 +210,15 @@ class RLVR:
         examples, prompts = [s.example for s in samples], [s.prompt_length for s in samples]
         self.engine.eval()  # log-prob recomputation must match training forwards (no dropout either way)
         if self.steps_per_update > 1:  # else the step's own log-probs, detached, are the old ones (ratio 1)
-            rows = completion_logprob_rows(self.engine, examples, prompts, size, temperature, budget)
+            rows = completion_logprob_rows(
+                self.engine, examples, prompts, size, temperature, budget, self.share_prompts
+            )
             for sample, row in zip(samples, rows):
                 sample.old_logprobs = row
         if algo.kl_beta != 0.0:
-            rows = reference_logprob_rows(self.reference, self.engine, examples, prompts, size, temperature, budget)
+            rows = reference_logprob_rows(
+                self.reference, self.engine, examples, prompts, size, temperature, budget, self.share_prompts
+            )
             for sample, row in zip(samples, rows):
                 sample.reference_logprobs = row
         self.engine.train()
@@ -225,6 +238,8 @@ class RLVR:
         cfg, algo, engine = self.cfg, self.cfg.algo, self.engine
         tokens = float(sum(len(s.example.input_ids) - s.prompt_length for s in minibatch))
         total_tokens, total_sequences = all_reduce_sum([tokens, float(len(minibatch))])
+        if self.share_prompts:  # a group's samples in one micro-batch put their prompt in the forward once
+            minibatch = grouped_by_prompt(minibatch)
         sums = dict.fromkeys(("clip_fraction", "kl", "entropy", *MISMATCH_SUMS), 0.0)
         loss_fn = POLICY_LOSSES.get(IMPORTANCE_LEVELS[algo.importance_level])
         micro_batches = step_micro_batches(
@@ -236,8 +251,9 @@ class RLVR:
                 idle_micro_step(engine, self.stand_in_loss, cfg.optim.max_grad_norm)
                 continue
             logprobs, entropy, mask = completion_logprobs(
-                engine, [s.example for s in chunk], [s.prompt_length for s in chunk], algo.sampling.temperature
-            )
+                engine, [s.example for s in chunk], [s.prompt_length for s in chunk], algo.sampling.temperature,
+                self.share_prompts,
+            )  # fmt: skip
             old = [s.old_logprobs for s in chunk]
             loss, parts, mismatch = corrected_policy_loss(
                 loss_fn, logprobs, logprobs.detach() if old[0] is None else padded_rows(old, mask),
@@ -267,7 +283,8 @@ class RLVR:
     def stand_in_loss(self) -> torch.Tensor:
         """The policy forward on `idle_example`, for `idle_micro_step`: the policy losses reach both outputs,
         log-probs and entropy (an entropy coefficient of 0 still keeps it in the graph), so the stand-in does too."""
-        logprobs, entropy, _ = completion_logprobs(self.engine, [idle_example(self.tokenizer.eos_token_id)], [1])
+        example = idle_example(self.tokenizer.eos_token_id)
+        logprobs, entropy, _ = completion_logprobs(self.engine, [example], [1], share_prompts=self.share_prompts)
         return logprobs.sum() + entropy.sum()
 
     def evaluate(self) -> dict[str, float]:

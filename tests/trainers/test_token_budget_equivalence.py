@@ -82,6 +82,20 @@ def test_dpo_budget_gives_the_fixed_split_gradient(tmp_path, monkeypatch):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
 
 
+def optimizer_step_gradients(tmp_path, monkeypatch, module, tokenizer, samples, aggregation, overrides) -> dict:
+    """`record_boundaries` of one RLVR optimizer step over `samples` on a DeepSpeed engine training a copy of
+    `module`, configured by `overrides` (share_prompts as the trainer resolves it)."""
+    cfg = compose_config([f"run_dir={tmp_path}", "algo=rlvr", f"algo.aggregation={aggregation}",
+                          "algo.entropy_coef=0.01", *overrides])  # fmt: skip
+    trainer = object.__new__(RLVR)
+    trainer.cfg, trainer.tokenizer = cfg, tokenizer
+    trainer.engine = backend.build_engine(copy.deepcopy(module), cfg, total_steps=1)
+    trainer.share_prompts = cfg.algo.share_prompts and module.shares_prompts
+    record = record_boundaries(monkeypatch)
+    trainer.optimizer_step(samples)
+    return record
+
+
 @pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean", "sum_constant"])
 def test_rlvr_budget_gives_the_fixed_split_gradient(tmp_path, monkeypatch, tiny_model, tiny_tokenizer,
                                                     arithmetic_rows, aggregation):  # fmt: skip
@@ -96,14 +110,7 @@ def test_rlvr_budget_gives_the_fixed_split_gradient(tmp_path, monkeypatch, tiny_
         sample.rollout_logprobs = (row[row_mask > 0] - 0.05).tolist()  # a small rollout/trainer mismatch
 
     def step_gradients(overrides):
-        cfg = compose_config([f"run_dir={tmp_path}", "algo=rlvr", f"algo.aggregation={aggregation}",
-                              "algo.entropy_coef=0.01", *overrides])  # fmt: skip
-        trainer = object.__new__(RLVR)
-        trainer.cfg, trainer.tokenizer = cfg, tiny_tokenizer
-        trainer.engine = backend.build_engine(copy.deepcopy(module), cfg, total_steps=1)
-        record = record_boundaries(monkeypatch)
-        trainer.optimizer_step(samples)
-        return record
+        return optimizer_step_gradients(tmp_path, monkeypatch, module, tiny_tokenizer, samples, aggregation, overrides)
 
     fixed = step_gradients(["train.gradient_accumulation_steps=1"])
     longest = max(len(s.example.input_ids) for s in samples)
@@ -114,3 +121,47 @@ def test_rlvr_budget_gives_the_fixed_split_gradient(tmp_path, monkeypatch, tiny_
     assert len(fixed["gradients"]) == len(budgeted["gradients"]) == 1
     for name, gradient in fixed["gradients"][0].items():
         torch.testing.assert_close(budgeted["gradients"][0][name], gradient, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean"])
+def test_rlvr_shared_prompt_forwards_give_the_plain_gradient(tmp_path, monkeypatch, tiny_model, tiny_tokenizer,
+                                                             arithmetic_rows, aggregation):  # fmt: skip
+    """algo.share_prompts: a micro-batch's groups put each prompt in the forward once; the step's gradient is the
+    one of every completion's own forward. 3 prompts x 4 completions, interleaved, in 3 micro-batches."""
+    init_distributed()
+    rows = [
+        {"prompt": arithmetic_rows[group]["prompt"], "messages": arithmetic_rows[3 + 4 * group + k]["messages"]}
+        for k in range(4)
+        for group in range(3)
+    ]
+    samples = make_sequences(tiny_tokenizer, rows, [1.0, -0.5, 0.25, -1.0, 2.0, -0.75] * 2)
+    module = CausalLMWithLogprobs(tiny_model, fused=False)
+    assert module.shares_prompts
+    with torch.no_grad():
+        logprobs, _, mask = completion_logprobs(
+            module, [s.example for s in samples], [s.prompt_length for s in samples]
+        )
+    for sample, row, row_mask in zip(samples, logprobs, mask):
+        sample.rollout_logprobs = (row[row_mask > 0] - 0.05).tolist()
+
+    forwards = []
+    original = RLVR.optimizer_step.__globals__["completion_logprobs"]
+
+    def counting(model, examples, prompt_lengths, temperature=1.0, share_prompts=False):
+        forwards.append((len(examples), len({tuple(e.input_ids[:p]) for e, p in zip(examples, prompt_lengths)}),
+                         share_prompts))  # fmt: skip
+        return original(model, examples, prompt_lengths, temperature, share_prompts)
+
+    monkeypatch.setitem(RLVR.optimizer_step.__globals__, "completion_logprobs", counting)
+    common = ["train.gradient_accumulation_steps=3"]
+    plain = optimizer_step_gradients(
+        tmp_path, monkeypatch, module, tiny_tokenizer, samples, aggregation, [*common, "algo.share_prompts=false"]
+    )
+    shared = optimizer_step_gradients(tmp_path, monkeypatch, module, tiny_tokenizer, samples, aggregation, common)
+    # Without sharing the split keeps the interleaved order (3 prompts a micro-batch); with it, the samples are
+    # grouped by prompt first, so each micro-batch holds one whole group: one prompt for 4 completions.
+    assert forwards == [(4, 3, False)] * 3 + [(4, 1, True)] * 3
+    assert len(plain["gradients"]) == len(shared["gradients"]) == 1
+    for name, gradient in plain["gradients"][0].items():
+        assert gradient.abs().sum() > 0, name
+        torch.testing.assert_close(shared["gradients"][0][name], gradient, atol=1e-6, rtol=1e-5, msg=name)
