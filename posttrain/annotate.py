@@ -57,12 +57,14 @@ class ScoringModel:
 
     def __init__(self, path: str | Path, dtype: str = "float32", fused: bool = False):
         from posttrain.config import ModelConfig
+        from posttrain.models.attention import use_packed_sdpa
         from posttrain.models.loading import load_tokenizer, torch_dtype
         from posttrain.models.logprob_model import CausalLMWithLogprobs
 
         self.tokenizer = load_tokenizer(ModelConfig(path=str(path)), None, None)
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype))
-        self.model = CausalLMWithLogprobs(model.eval().requires_grad_(False), fused=fused)
+        # posttrain's packed sdpa where the model type allows: responses to one prompt then share its forward
+        self.model = CausalLMWithLogprobs(use_packed_sdpa(model.eval().requires_grad_(False)), fused=fused)
 
     def response_logprobs(
         self, prompts: Sequence[list[dict]], responses: Sequence[str], batch_size: int = 32
@@ -76,7 +78,8 @@ class ScoringModel:
             message = [{"role": "assistant", "content": response}]
             examples.append(tokenize_response(self.tokenizer, prompt, message, prompt_ids, f"response {i}"))
             prompt_lengths.append(len(prompt_ids))
-        rows = completion_logprob_rows(self.model, examples, prompt_lengths, batch_size)
+        share = self.model.shares_prompts  # the K responses to a prompt put it in the forward once
+        rows = completion_logprob_rows(self.model, examples, prompt_lengths, batch_size, share_prompts=share)
         return torch.stack([row.sum() for row in rows]) if rows else torch.zeros(0)
 
 

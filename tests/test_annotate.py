@@ -40,6 +40,7 @@ def by_hand(model_dir, tokenizer, prompt, response) -> float:
 def test_density_ratio_is_strong_minus_weak_log_likelihood_by_hand(two_models, tiny_tokenizer):
     strong_dir, weak_dir = two_models
     strong, weak = ScoringModel(strong_dir), ScoringModel(weak_dir)
+    assert strong.model.shares_prompts  # batches of 2 responses to one prompt put it in their forward once
     prompts = [[{"role": "user", "content": "What is 12 + 34?"}], [{"role": "user", "content": "What is 5 + 9?"}]]
     responses = [["12 + 34 = 46\n#### 46", "#### 47"], ["5 + 9 = 14\n#### 14", "#### 13", "#### 14"]]
     criteria = "Answer correctly."
