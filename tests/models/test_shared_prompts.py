@@ -126,7 +126,7 @@ def test_shared_row_states_and_gradients_equal_each_sequence_on_its_own(
 
 def logprobs_and_grads(model, examples, prompts, share_prompts):
     model.zero_grad()
-    logprobs, entropy, mask = completion_logprobs(model, examples, prompts, temperature=0.7, share_prompts=share_prompts)
+    logprobs, entropy, mask = completion_logprobs(model, examples, prompts, 0.7, share_prompts)
     weights = torch.linspace(-1.0, 1.0, logprobs.numel()).view_as(logprobs).to(logprobs.dtype)
     ((logprobs * weights).sum() + 0.3 * (entropy * mask).sum()).backward()
     grads = [parameter.grad.clone() for parameter in model.parameters() if parameter.grad is not None]
