@@ -88,9 +88,14 @@ SIDES = {
     "posttrain-hf": ("posttrain", "hf"),
     "trl-vllm": ("trl", "vllm"),
     "posttrain-compiled": ("posttrain", "vllm"),
+    "posttrain-unshared": ("posttrain", "vllm"),
 }
-# posttrain sides' extra overrides: vLLM's compiled CPU mode (torch.compile of the model; TRL's engine runs it)
-SIDE_OVERRIDES = {"posttrain-compiled": ["rollout.enforce_eager=false"]}
+# posttrain sides' extra overrides: vLLM's compiled CPU mode (torch.compile of the model; TRL's engine runs it);
+# every completion's training forward carrying its own prompt, as before algo.share_prompts
+SIDE_OVERRIDES = {
+    "posttrain-compiled": ["rollout.enforce_eager=false"],
+    "posttrain-unshared": ["algo.share_prompts=false"],
+}
 BASELINES = ("trl", "trl-vllm")  # the ratio columns
 FULL = dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8, intermediate_size=1536)
 SMOKE = dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=384)
@@ -579,7 +584,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.smoke:
         args.steps, args.warmup, args.prompts, args.samples, args.max_tokens, args.micro_batch = 1, 1, 2, 4, 16, 4
         args.rounds = 1
-    skipped = {"posttrain-compiled", *(["trl-vllm"] if args.smoke else [])}  # an experiment side: only when named
+    # experiment sides: only when named
+    skipped = {"posttrain-compiled", "posttrain-unshared", *(["trl-vllm"] if args.smoke else [])}
     args.sides = args.sides or ",".join(side for side in SIDES if side not in skipped)
     unknown = [side for side in args.sides.split(",") if side not in SIDES]
     if unknown:
