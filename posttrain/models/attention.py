@@ -256,6 +256,20 @@ def shares_prompts(config) -> bool:
     return getattr(config, "_attn_implementation", None) == PACKED_SDPA
 
 
+def split_attention_states(decoder, input_ids, position_ids, **boundaries) -> torch.Tensor:
+    """The decoder's final states for one packed row under `PACKED_SDPA`, the row's layout passed to attention as
+    `boundaries` (packed_sequence_lengths or packed_prompt_groups). An all-ones 2D mask keeps transformers from
+    building the N x N block mask of the packed row (it then relies on is_causal)."""
+    output = decoder(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=torch.ones_like(input_ids),
+        use_cache=False,
+        **boundaries,
+    )
+    return output.last_hidden_state
+
+
 def decoder_hidden_states(
     decoder, input_ids, position_ids=None, attention_mask=None, prompt_groups=None
 ) -> torch.Tensor:
@@ -273,14 +287,7 @@ def decoder_hidden_states(
                 f"prompt_groups need one packed row [1, N] without a mask under {PACKED_SDPA}; got input_ids "
                 f"{tuple(input_ids.shape)}, attention {implementation}, a mask: {attention_mask is not None}"
             )
-        output = decoder(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=torch.ones_like(input_ids),
-            use_cache=False,
-            packed_prompt_groups=prompt_groups,
-        )
-        return output.last_hidden_state
+        return split_attention_states(decoder, input_ids, position_ids, packed_prompt_groups=prompt_groups)
     packed = (
         attention_mask is None
         and position_ids is not None
@@ -290,16 +297,7 @@ def decoder_hidden_states(
     if packed and implementation == PACKED_SDPA:
         lengths = sequence_lengths(position_ids[0].cpu())
         if len(lengths) > 1:
-            # An all-ones 2D mask keeps transformers from building the N x N block mask of the packed row (it
-            # then relies on is_causal); the sequence boundaries reach attention as packed_sequence_lengths.
-            output = decoder(
-                input_ids=input_ids,
-                position_ids=position_ids,
-                attention_mask=torch.ones_like(input_ids),
-                use_cache=False,
-                packed_sequence_lengths=lengths,
-            )
-            return output.last_hidden_state
+            return split_attention_states(decoder, input_ids, position_ids, packed_sequence_lengths=lengths)
     elif packed:
         layout = row_layout(position_ids.cpu(), getattr(decoder.config, "hidden_size", 0))
     if layout is None:
