@@ -9,9 +9,17 @@ from posttrain.training import run_algorithm
 pytestmark = [pytest.mark.integration, pytest.mark.vllm, pytest.mark.isolated]
 
 
-def test_rlvr_raises_held_out_verified_accuracy(noisy_sft_model, tmp_path):
+# fp32, and bf16 mixed precision: DeepSpeed's bf16 mode (bf16 weights and compute, fp32 master weights) with the
+# engine in bf16, as on a GPU and as benchmarks/rlvr_vs_trl.py --precision bf16 measures it.
+PRECISIONS = {"fp32": [], "bf16": ["model.dtype=bfloat16", "rollout.dtype=bfloat16"]}
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_rlvr_raises_held_out_verified_accuracy(noisy_sft_model, tmp_path, precision):
     """From an SFT model whose data forgot most carries (greedy ~0.5 held out), the tiny recipe's GRPO
-    run, rewarded only by the gsm8k verifier, lifts greedy held-out accuracy by >= 10 points."""
+    run, rewarded only by the gsm8k verifier, lifts greedy held-out accuracy by >= 10 points. The rollout engine
+    generates the evals, so the rise also shows it holds the trained weights after each sync (in bf16, DeepSpeed's
+    bf16 weights into a bf16 engine)."""
     cfg = compose_config(
         [
             "recipe=tiny_rlvr",
@@ -19,6 +27,7 @@ def test_rlvr_raises_held_out_verified_accuracy(noisy_sft_model, tmp_path):
             f"run_dir={tmp_path / 'rlvr'}",
             "train.max_steps=12",
             "logger.progress_bar=false",
+            *PRECISIONS[precision],
         ]
     )
     run_dir = run_algorithm(cfg)
