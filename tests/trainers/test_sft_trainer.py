@@ -101,7 +101,6 @@ def test_padded_batches_match_packed_batches(tmp_path):
     )
 
 
-
 def test_bf16_mixed_precision_trains_like_fp32(tmp_path):
     """model.dtype=bfloat16 (model=hf's default): DeepSpeed's bf16 mode, bf16 weights and compute with fp32 master
     weights and Adam state. From the same initialisation and data as fp32: the first loss agrees to bf16 rounding,
@@ -117,6 +116,7 @@ def test_bf16_mixed_precision_trains_like_fp32(tmp_path):
     assert last_bf16 == pytest.approx(last_fp32, rel=0.15), (last_fp32, last_bf16)
     weights = _final_weights(run_dir)
     assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16}
+
 
 def test_lora_trains_adapters_and_exports_a_merged_model(tmp_path):
     run_dir = run_sft(tmp_path / "lora", "peft=lora", "train.max_steps=6", "optim.lr=1e-2")
