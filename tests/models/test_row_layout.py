@@ -10,6 +10,8 @@ from posttrain.data.batching import collate_packed
 from posttrain.data.chat import TokenizedExample
 from posttrain.models.attention import (
     PACKED_SDPA,
+    UPCAST_MAX_KEYS,
+    attend,
     decoder_hidden_states,
     row_layout,
     sequence_lengths,
@@ -171,6 +173,41 @@ def test_packed_sdpa_without_sequence_lengths_is_sdpa():
     theirs = decoder_hidden_states(plain, ids, attention_mask=mask)
     assert plain.config._attn_implementation == "sdpa"
     torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
+
+
+def test_attend_runs_short_16_bit_training_calls_in_float32_on_cpu():
+    """A bf16 query that needs a gradient and has <= UPCAST_MAX_KEYS keys: exactly fp32 sdpa cast back, gradients
+    included (bf16 sdpa rounds differently, so equality shows which ran); otherwise transformers' sdpa as it is."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    generator = torch.Generator().manual_seed(3)
+
+    def inputs(keys, requires_grad=True):
+        shapes = [(1, 4, keys, 16), (1, 2, keys, 16), (1, 2, keys, 16)]
+        tensors = [torch.randn(*shape, generator=generator).bfloat16() for shape in shapes]
+        return [t.requires_grad_(requires_grad) for t in tensors]
+
+    def output_and_grads(fn, tensors):
+        output = fn(module, *tensors, None, is_causal=True)[0]
+        output.float().square().sum().backward()
+        return output.detach(), [t.grad for t in tensors]
+
+    def in_fp32(module, query, key, value, mask, **kwargs):
+        output, _ = sdpa_attention_forward(module, query.float(), key.float(), value.float(), mask, **kwargs)
+        return output.bfloat16(), None
+
+    short = inputs(40)
+    ours, our_grads = output_and_grads(attend, short)
+    upcast, upcast_grads = output_and_grads(in_fp32, [t.detach().clone().requires_grad_(True) for t in short])
+    assert ours.dtype == torch.bfloat16 and torch.equal(ours, upcast)
+    assert all(torch.equal(a, b) and a.dtype == torch.bfloat16 for a, b in zip(our_grads, upcast_grads))
+    native = sdpa_attention_forward(module, *[t.detach() for t in short], None, is_causal=True)[0]
+    assert not torch.equal(native, ours)  # the comparison can tell the two apart
+    for tensors in (inputs(UPCAST_MAX_KEYS + 1), inputs(40, requires_grad=False)):  # long, or no gradient: as it is
+        expected = sdpa_attention_forward(module, *[t.detach() for t in tensors], None, is_causal=True)[0]
+        assert torch.equal(attend(module, *tensors, None, is_causal=True)[0].detach(), expected)
 
 
 def test_packed_sdpa_only_for_known_model_types_under_sdpa():
