@@ -27,3 +27,11 @@ class Completion:
     text: str
     logprobs: list[float]
     finish_reason: str
+
+
+def completion_text(decode, token_ids: list[int], ended_by_token: bool) -> str:
+    """`Completion.text` of a sample no stop string ended, as vLLM's incremental detokenizer writes it: `decode`
+    (token ids -> text without special tokens) of `token_ids` less the stop token that ended it (EOS or a stop
+    token id; kept in token_ids, never in the text), less a trailing incomplete UTF-8 sequence (vLLM holds one back
+    until its next token, which a finished sample never gets)."""
+    return decode(token_ids[:-1] if ended_by_token else token_ids).rstrip("\ufffd")

@@ -20,7 +20,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 from posttrain.engine.distributed import rank
 from posttrain.errors import ConfigError
 from posttrain.models.loading import torch_dtype
-from posttrain.rollout.completion import Completion
+from posttrain.rollout.completion import Completion, completion_text
 from posttrain.rollout.config import RolloutConfig, SamplingConfig
 from posttrain.rollout.weights import NamedTensors
 
@@ -170,12 +170,11 @@ class HFBackend:
     def _completion(self, prompt_index, sample, prompt_ids, tokens, logprobs, stop_ids, stop_strings) -> Completion:
         length, stopped_by = finish_point(tokens, set(stop_ids), list(stop_strings), self._text)
         # As vLLM: a stop token is kept in token_ids but not in the text; text is cut before a stop string.
-        text = self._text(tokens[: length - 1] if stopped_by == "token" else tokens[:length])
-        matches = [text.find(stop) for stop in stop_strings if stop in text]
-        if stopped_by == "string" and matches:
-            text = text[: min(matches)]
-        # vLLM's incremental detokenizer never emits a trailing incomplete UTF-8 sequence; match it.
-        text = text.rstrip("\ufffd")
+        if stopped_by == "string":
+            text = self._text(tokens[:length])
+            text = text[: min(text.find(stop) for stop in stop_strings if stop in text)].rstrip("\ufffd")
+        else:
+            text = completion_text(self._text, tokens[:length], stopped_by == "token")
         reason = "stop" if stopped_by else "length"
         return Completion(prompt_index, sample, list(prompt_ids), tokens[:length], text, logprobs[:length], reason)
 

@@ -45,7 +45,7 @@ import torch
 
 from posttrain.engine.distributed import init_distributed, rank, world_size
 from posttrain.errors import ConfigError
-from posttrain.rollout.completion import Completion
+from posttrain.rollout.completion import Completion, completion_text
 from posttrain.rollout.config import RolloutConfig, SamplingConfig
 from posttrain.rollout.groups import tensor_parallel_groups
 from posttrain.rollout.weights import NamedTensors
@@ -289,6 +289,10 @@ class VLLMBackend:
             ignore_eos=sampling.ignore_eos,
             seed=None if sampling.seed is None else sampling.seed + prompt_index * sampling.n,
             logprobs=0,  # only the sampled token's log-prob
+            # vLLM's detokenizer only where stop strings need its text: it and the log-probs' token strings cost ~5%
+            # of a CPU rollout (27.6M model, bf16, 64 x <= 128 tokens: 1.85 vs 1.76 s, each of 11 paired calls
+            # slower); the text is otherwise `completion_text`'s.
+            detokenize=bool(sampling.stop),
         )
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
@@ -304,11 +308,13 @@ class VLLMBackend:
         return [
             completion
             for index, (ids, output) in enumerate(zip(prompt_token_ids, outputs))
-            for completion in self._completions(index, ids, output)
+            for completion in self._completions(index, ids, output, detokenized=bool(sampling.stop))
         ]
 
-    @staticmethod
-    def _completions(prompt_index: int, prompt_ids: list[int], output) -> list[Completion]:
+    def _text(self, token_ids: list[int]) -> str:
+        return self.llm.get_tokenizer().decode(token_ids, skip_special_tokens=True)
+
+    def _completions(self, prompt_index: int, prompt_ids: list[int], output, detokenized: bool) -> list[Completion]:
         completions = []
         for sample in sorted(output.outputs, key=lambda sample: sample.index):
             if sample.finish_reason not in ("stop", "length"):
@@ -317,11 +323,11 @@ class VLLMBackend:
                 )
             token_ids = list(sample.token_ids)
             logprobs = [float(step[token].logprob) for step, token in zip(sample.logprobs, token_ids)]
-            completions.append(
-                Completion(
-                    prompt_index, sample.index, list(prompt_ids), token_ids, sample.text, logprobs, sample.finish_reason
-                )
-            )
+            # Without stop strings a "stop" is EOS or a stop token id: the last token, not in the text.
+            reason = sample.finish_reason
+            text = sample.text if detokenized else completion_text(self._text, token_ids, reason == "stop")
+            completion = Completion(prompt_index, sample.index, list(prompt_ids), token_ids, text, logprobs, reason)
+            completions.append(completion)
         return completions
 
     def load_weights(self, named_tensors: NamedTensors) -> None:

@@ -140,6 +140,27 @@ def test_sampled_logprobs_are_under_the_sampling_distribution(rollout_service, t
     assert len({tuple(c.token_ids) for c in completions}) > 1
 
 
+@pytest.mark.parametrize("policy", ["trained", "untrained"])
+def test_texts_without_vllms_detokenizer_equal_its_own(rollout_service, tiny_tokenizer, trained_policy, eval_prompts,
+                                                       policy):  # fmt: skip
+    """Without stop strings the engine runs with detokenize=False and the backend decodes the finished ids
+    (`completion_text`); a stop string that never matches turns vLLM's incremental detokenizer on for the same
+    seeded samples. Texts equal, also for samples ended by a stop token id (left out of the text) and by length."""
+    model = trained_policy if policy == "trained" else tiny_policy(tiny_tokenizer, seed=5)
+    rollout_service.sync_weights(model)
+    plain_token = tiny_tokenizer.encode("1", add_special_tokens=False)[0]
+    sampling = SamplingConfig(temperature=1.0, n=4, seed=13, max_tokens=8, stop_token_ids=[plain_token])
+    detokenized = dataclasses.replace(sampling, stop=["\x00never"])
+    backend = rollout_service.backend
+    assert not backend.sampling_params(sampling, 0).detokenize and backend.sampling_params(detokenized, 0).detokenize
+    ours, vllms = rollout_service.generate(eval_prompts, sampling), rollout_service.generate(eval_prompts, detokenized)
+    assert [c.token_ids for c in ours] == [c.token_ids for c in vllms]
+    assert [(c.text, c.finish_reason) for c in ours] == [(c.text, c.finish_reason) for c in vllms]
+    reasons = {c.finish_reason for c in ours}
+    assert reasons == {"stop", "length"}, reasons  # both endings are compared
+    assert any(c.token_ids[-1] == plain_token and c.text for c in ours if c.finish_reason == "stop")
+
+
 def _stop_cases(tokenizer, reference_completion):
     return {
         "max_tokens": SamplingConfig(temperature=0.0, max_tokens=5),
