@@ -168,14 +168,23 @@ def main() -> None:
     sys.argv = [sys.argv[0], *strip_local_rank(sys.argv[1:])]
     _prepare_environment(multirun=any(arg in ("-m", "--multirun") for arg in sys.argv[1:]))
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
-        sys.exit(run_subcommand(sys.argv[1], sys.argv[2:]))
+        sys.exit(finished(run_subcommand(sys.argv[1], sys.argv[2:])))
     if not CONF_DIR.is_dir():
         sys.exit(f"posttrain: config directory {CONF_DIR} not found; set POSTTRAIN_CONF_DIR")
     from posttrain.sweep import is_local_sweep, run_sweep
 
     if is_local_sweep(sys.argv[1:]):
         sys.exit(run_sweep(sys.argv[1:]))
-    sys.exit(run_hydra())
+    sys.exit(finished(run_hydra()))
+
+
+def finished(status: int) -> int:
+    """The process's exit status; after a success the torch.distributed world (if any) is closed on every rank."""
+    if status == 0:
+        from posttrain.engine.distributed import close_distributed
+
+        close_distributed()
+    return status
 
 
 def run_hydra() -> int:

@@ -1,6 +1,9 @@
 """The entry point as users meet it: config typos, bad input, sweeps, composition of every YAML."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -231,3 +234,26 @@ def test_multirun_sweep_gives_one_run_dir_per_job(tmp_path):
         assert config["run_dir"] == str(job_dir)
     lrs = {yaml.safe_load((tmp_path / "sweep" / j / "config.yaml").read_text())["optim"]["lr"] for j in ("0", "1")}
     assert lrs == {1e-3, 3e-3}
+
+
+CLOSE_WORLD = """
+import torch.distributed as dist
+from posttrain.cli import finished
+from posttrain.engine.distributed import init_distributed
+init_distributed()
+status = int(__import__("sys").argv[1])
+assert finished(status) == status
+print("initialized" if dist.is_initialized() else "closed")
+"""
+
+
+@pytest.mark.parametrize(("status", "world"), [(0, "closed"), (2, "initialized")])
+def test_a_successful_exit_closes_the_distributed_world_and_a_failed_one_leaves_it(status, world):
+    """Gloo's threads left to interpreter shut-down can abort a finished rank (SIGABRT, seen in CI under torchrun):
+    `main` closes the world after a success, and not after an error, when a peer may never reach the barrier."""
+    env = {key: value for key, value in os.environ.items() if key not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    result = subprocess.run(
+        [sys.executable, "-c", CLOSE_WORLD, str(status)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == world

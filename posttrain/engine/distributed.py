@@ -54,6 +54,18 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
 
 
+def close_distributed() -> None:
+    """End the world at a clean exit: every rank waits for the others, then destroys its process groups.
+
+    Left to interpreter shut-down, gloo's worker threads can outlive it and abort a process that finished its work
+    (SIGABRT, "terminate called without an active exception"), so torchrun reports a successful run as failed. Call
+    it only once every rank has finished: after an error a peer may never reach the barrier.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 

@@ -23,7 +23,7 @@ from helpers import compose_config  # noqa: E402
 from posttrain.data.batching import collate  # noqa: E402
 from posttrain.data.chat import IGNORE_INDEX, tokenize_conversation  # noqa: E402
 from posttrain.engine.backend import build_engine, zero3_load_config  # noqa: E402
-from posttrain.engine.distributed import barrier, init_distributed, rank  # noqa: E402
+from posttrain.engine.distributed import barrier, close_distributed, init_distributed, rank  # noqa: E402
 from posttrain.engine.export import hf_state_dict  # noqa: E402
 from posttrain.engine.reference import frozen_model  # noqa: E402
 from posttrain.models.loading import load_model  # noqa: E402
@@ -106,6 +106,7 @@ def main(out_dir: Path) -> None:
     results = {f"zero{stage}": run_stage(stage, tokenizer, examples, out_dir) for stage in (2, 3)}
     (out_dir / f"rank{rank()}.json").write_text(json.dumps(results))
     assert REFERENCE_WEIGHTS in results["zero3"]["checkpoint_files"]
+    close_distributed()  # both ranks leave together; gloo's teardown at exit could abort (SIGABRT)
 
 
 if __name__ == "__main__":

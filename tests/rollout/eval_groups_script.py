@@ -19,7 +19,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).res
 from rollout_helpers import save_policy_dir, tiny_policy  # noqa: E402
 
 from posttrain.data.prompts import PromptRow  # noqa: E402
-from posttrain.engine.distributed import all_reduce_sum, barrier, init_distributed, rank, world_size  # noqa: E402
+from posttrain.engine.distributed import all_reduce_sum, barrier, close_distributed, init_distributed, rank, world_size  # noqa: E402
 from posttrain.models.tokenizer import train_tokenizer  # noqa: E402
 from posttrain.rewards.reward import verified_fraction  # noqa: E402
 from posttrain.rollout import RolloutConfig, SamplingConfig, build_rollout_service  # noqa: E402
@@ -66,6 +66,7 @@ def main(out_dir: Path) -> None:
         results[f"round{round_number}/single"] = token_ids(grouped_completions(single, mine, sampled))
     results["ranks_after"] = all_reduce_sum([1.0])[0]  # both ranks got here, with their collectives in step
     (out_dir / f"rank{rank()}.json").write_text(json.dumps(results))
+    close_distributed()  # both ranks leave together; gloo's teardown at exit could abort (SIGABRT)
 
 
 if __name__ == "__main__":

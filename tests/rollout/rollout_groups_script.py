@@ -19,7 +19,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).res
 import torch.distributed as dist  # noqa: E402
 from rollout_helpers import save_policy_dir, tiny_policy  # noqa: E402
 
-from posttrain.engine.distributed import barrier, init_distributed, rank  # noqa: E402
+from posttrain.engine.distributed import barrier, close_distributed, init_distributed, rank  # noqa: E402
 from posttrain.models.tokenizer import train_tokenizer  # noqa: E402
 from posttrain.rollout import RolloutConfig, SamplingConfig, build_rollout_service  # noqa: E402
 from posttrain.rollout.service import RolloutService  # noqa: E402
@@ -57,6 +57,7 @@ def main(out_dir: Path) -> None:
         dist.barrier()  # the single-engine reference below runs on each rank alone
         results[f"single/{phase}"] = [[c.prompt_index, c.token_ids] for c in single.generate(mine, GREEDY)]
     (out_dir / f"rank{rank()}.json").write_text(json.dumps(results))
+    close_distributed()  # both ranks leave together; gloo's teardown at exit could abort (SIGABRT)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).res
 from rollout_helpers import TEST_ROLLOUT_CONFIG, reference_greedy, save_policy_dir, tiny_policy  # noqa: E402
 
 from posttrain.data.chat import render_ids  # noqa: E402
-from posttrain.engine.distributed import barrier, init_distributed, rank  # noqa: E402
+from posttrain.engine.distributed import barrier, close_distributed, init_distributed, rank  # noqa: E402
 from posttrain.models.tokenizer import train_tokenizer  # noqa: E402
 from posttrain.rollout import SamplingConfig, build_rollout_service  # noqa: E402
 
@@ -49,6 +49,7 @@ def main(out_dir: Path, tensor_parallel_size: int) -> None:
         expected = reference_greedy(model, prompt_ids, GREEDY.max_tokens, tokenizer.eos_token_id)
         results[phase] = {"engine": got, "transformers": expected}
     (out_dir / f"rank{rank()}.json").write_text(json.dumps(results))
+    close_distributed()  # both ranks leave together; gloo's teardown at exit could abort (SIGABRT)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from rollout_helpers import tiny_policy  # noqa: E402
 
 from posttrain.config import PeftConfig  # noqa: E402
-from posttrain.engine.distributed import init_distributed, rank  # noqa: E402
+from posttrain.engine.distributed import close_distributed, init_distributed, rank  # noqa: E402
 from posttrain.models.lora import wrap_lora  # noqa: E402
 from posttrain.models.tokenizer import train_tokenizer  # noqa: E402
 from posttrain.rollout import weights  # noqa: E402
@@ -69,10 +69,7 @@ def main(out_dir: Path) -> None:
         assembled.clear()
         results[case] = compare(engine, reference, assembled)
     (out_dir / f"rank{rank()}.json").write_text(json.dumps(results))
-    # Both ranks leave together and end the group: a rank exiting while its peer still talks to it could abort in
-    # gloo's teardown ("terminate called without an active exception"), seen in full-suite runs.
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    close_distributed()  # both ranks leave together; gloo's teardown at exit could abort (SIGABRT)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from rollout_helpers import recomputed_logprobs, reference_greedy  # noqa: E402
 from posttrain.data.batching import collate  # noqa: E402
 from posttrain.data.chat import IGNORE_INDEX, render_ids, tokenize_conversation  # noqa: E402
 from posttrain.engine.backend import build_engine  # noqa: E402
-from posttrain.engine.distributed import init_distributed, rank, world_size  # noqa: E402
+from posttrain.engine.distributed import close_distributed, init_distributed, rank, world_size  # noqa: E402
 from posttrain.engine.export import export_hf, hf_state_dict  # noqa: E402
 from posttrain.models.loading import load_model  # noqa: E402
 from posttrain.models.logprob_model import CausalLMWithLogprobs  # noqa: E402
@@ -122,6 +122,7 @@ def main(out_dir: Path) -> None:
     results["lora"] = train_sync_compare(service, lora_engine, lora_cfg, examples, prompts, tokenizer)
 
     (out_dir / f"rank{rank()}.json").write_text(json.dumps(results, indent=1))
+    close_distributed()  # both ranks leave together; gloo's teardown at exit could abort (SIGABRT)
 
 
 if __name__ == "__main__":
