@@ -19,9 +19,10 @@ from the embedded default task as conf/data configures it: 2-digit addition writ
 - offline data: --samples-per-prompt teacher samples (temperature 1) for each of --prompts fixed train prompts;
 - offline run: `algo=distill algo.on_policy_fraction=0` on that dataset for --steps optimizer steps (many epochs);
   online run: `algo.on_policy_fraction=1`, the same prompts answered by fresh student samples every step;
-- both: algo.divergence=forward_kl, --lr with --scheduler (no warmup); every --eval-every steps the per-token
-  forward KL of the student to the teacher (proxy) and to the oracle (golden) on its own samples (temperature 1,
-  seeded) of held-out prompts, and (dataset_*) on held-out responses: the ground-truth demonstrations, or one
+- both: algo.divergence=--divergence (forward KL by default, reverse KL or JSD(0.5)), --lr with --scheduler (no
+  warmup); every --eval-every steps the per-token divergence (that one; the three forms are all logged) of the
+  student to the teacher (proxy) and to the oracle (golden) on its own samples (temperature 1, seeded) of held-out
+  prompts, and (dataset_*) on held-out responses: the ground-truth demonstrations, or one
   oracle sample per prompt (--held-out oracle: the golden metric is then the Monte-Carlo estimate of the
   sequence-level KL(oracle || student) per token), or one teacher sample (--held-out teacher: the same for the
   proxy).
@@ -45,6 +46,12 @@ from common import arithmetic_tokenizer, save_tiny_llama  # noqa: E402
 
 TINY = {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 4, "intermediate_size": 384}
 METRICS = ("teacher_distance", "oracle_distance", "dataset_teacher_distance", "dataset_oracle_distance")
+# what the *_distance metrics are under each --divergence, for the plot's labels ({p}: teacher, oracle or p)
+DISTANCE_NAMES = {
+    "forward_kl": "KL({p} || student)",
+    "reverse_kl": "KL(student || {p})",
+    "jsd": "JSD(0.5) of {p}, student",
+}
 
 
 def compose(overrides: list[str]):
@@ -142,7 +149,8 @@ def stage_distill(args, work: Path, fraction: float, name: str) -> None:
     run([
         "algo=distill", "rollout=hf", f"model.path={work / 'student_init' / 'final'}", f"run_dir={work / name}",
         f"algo.teacher={work / 'teacher' / 'final'}", f"algo.oracle={work / 'oracle' / 'final'}",
-        f"algo.on_policy_fraction={fraction}", "algo.divergence=forward_kl", "algo.eval_responses=[student,dataset]",
+        f"algo.on_policy_fraction={fraction}", f"algo.divergence={args.divergence}",
+        "algo.eval_responses=[student,dataset]",
         f"algo.eval_prompts={args.eval_prompts}", "algo.sampling.max_tokens=48", "algo.sampling.temperature=1.0",
         f"data.train_files=[{work / 'offline.jsonl'}]", f"data.num_eval={args.eval_prompts}",
         "eval.samples=1", "eval.temperature=1.0", "eval.max_tokens=48", "rollout.max_model_len=256",
@@ -183,6 +191,7 @@ def stage_plot(args, work: Path) -> None:
     for result in results.values():
         result["signature"] = {prefix or "student_": hacking_signature(result, prefix) for prefix in ("", "dataset_")}
     held_out = {"ground_truth": "ground-truth", "oracle": "oracle-sampled", "teacher": "teacher-sampled"}[args.held_out]
+    distance = DISTANCE_NAMES[args.divergence]
     figure, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for axis, prefix, title in ((axes[0], "", "on the student's samples of held-out prompts"),
                                 (axes[1], "dataset_", f"on {held_out} held-out responses")):  # fmt: skip
@@ -190,14 +199,14 @@ def stage_plot(args, work: Path) -> None:
             style = {"offline": "-", "online": "--"}[name]
             axis.plot(result["step"], result[prefix + "teacher_distance"], style, color="C0", label=f"{name}: teacher")
             axis.plot(result["step"], result[prefix + "oracle_distance"], style, color="C3", label=f"{name}: oracle")
-        axis.set(title=title, xlabel="optimizer step", ylabel="per-token KL(p || student), nats", yscale="log")
+        axis.set(title=title, xlabel="optimizer step", ylabel=f"per-token {distance.format(p='p')}, nats", yscale="log")
         axis.legend()
     for name, result in results.items():  # the paper's proxy-golden plot (its Figure 4)
         style = {"offline": "o-", "online": "s--"}[name]
         axes[2].plot(result["dataset_teacher_distance"], result["dataset_oracle_distance"], style, label=name)
     axes[2].set(title="held-out responses: proxy vs golden (paper Fig. 4)", xscale="log",
-                yscale="log", xlabel="proxy: KL(teacher || student)",
-                ylabel="golden: KL(oracle || student)")  # fmt: skip
+                yscale="log", xlabel=f"proxy: {distance.format(p='teacher')}",
+                ylabel=f"golden: {distance.format(p='oracle')}")  # fmt: skip
     axes[2].legend()
     figure.suptitle("Distillation from an imperfect teacher: proxy (teacher) vs golden (oracle) distance")
     figure.tight_layout()
@@ -242,6 +251,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150, help="distillation optimizer steps (16 prompts each)")
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--eval-prompts", type=int, default=64)
+    parser.add_argument(
+        "--divergence",
+        choices=["forward_kl", "reverse_kl", "jsd"],
+        default="forward_kl",
+        help="the training divergence over the vocabulary (the *_distance metrics are its form; every form is logged)",
+    )
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--scheduler", choices=["constant", "cosine", "linear"], default="constant")
     args = parser.parse_args()
