@@ -253,7 +253,7 @@ def main() -> None:
     parser.add_argument("--eval-prompts", type=int, default=64)
     parser.add_argument(
         "--divergence",
-        choices=["forward_kl", "reverse_kl", "jsd"],
+        choices=list(DISTANCE_NAMES),
         default="forward_kl",
         help="the training divergence over the vocabulary (the *_distance metrics are its form; every form is logged)",
     )
