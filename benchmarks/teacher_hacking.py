@@ -4,8 +4,9 @@ imperfect teacher, measured against the ground-truth oracle the teacher was copi
     python benchmarks/teacher_hacking.py --stage models      # oracle, teacher, student start, offline data
     python benchmarks/teacher_hacking.py --stage offline     # algo=distill, on_policy_fraction=0
     python benchmarks/teacher_hacking.py --stage online      # algo=distill, on_policy_fraction=1
+    python benchmarks/teacher_hacking.py --stage gap         # the teacher's own distance to the oracle (gap.json)
     python benchmarks/teacher_hacking.py --stage plot        # teacher_hacking.png + teacher_hacking.json
-    (--stage all runs the four in order; --workdir holds everything, default runs/teacher_hacking)
+    (--stage all runs the five in order; --workdir holds everything, default runs/teacher_hacking)
 
 Set-up (tiny Llamas from posttrain's default config, one shared tokenizer; every prompt, train or held-out, drawn
 from the embedded default task as conf/data configures it: 2-digit addition written as column addition):
@@ -46,6 +47,8 @@ from common import arithmetic_tokenizer, save_tiny_llama  # noqa: E402
 
 TINY = {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 4, "intermediate_size": 384}
 METRICS = ("teacher_distance", "oracle_distance", "dataset_teacher_distance", "dataset_oracle_distance")
+# the teacher's own golden distance in each --divergence's form (stage gap's keys, oracle samples)
+TEACHER_GOLDEN = {"forward_kl": "kl_oracle_teacher", "reverse_kl": "kl_teacher_oracle", "jsd": "jsd_teacher_oracle"}
 # what the *_distance metrics are under each --divergence, for the plot's labels ({p}: teacher, oracle or p)
 DISTANCE_NAMES = {
     "forward_kl": "KL({p} || student)",
@@ -145,9 +148,10 @@ def stage_models(args, work: Path) -> None:
         write_jsonl(held_out, sample_rows(model, task_prompts("eval", args.eval_prompts), 3))
 
 
-def stage_distill(args, work: Path, fraction: float, name: str) -> None:
+def stage_distill(args, work: Path, fraction: float, name: str, student: Path | None = None, steps: int = 0) -> None:
+    student = student or work / "student_init" / "final"
     run([
-        "algo=distill", "rollout=hf", f"model.path={work / 'student_init' / 'final'}", f"run_dir={work / name}",
+        "algo=distill", "rollout=hf", f"model.path={student}", f"run_dir={work / name}",
         f"algo.teacher={work / 'teacher' / 'final'}", f"algo.oracle={work / 'oracle' / 'final'}",
         f"algo.on_policy_fraction={fraction}", f"algo.divergence={args.divergence}",
         "algo.eval_responses=[student,dataset]",
@@ -155,9 +159,27 @@ def stage_distill(args, work: Path, fraction: float, name: str) -> None:
         f"data.train_files=[{work / 'offline.jsonl'}]", f"data.num_eval={args.eval_prompts}",
         "eval.samples=1", "eval.temperature=1.0", "eval.max_tokens=48", "rollout.max_model_len=256",
         f"optim.lr={args.lr}", f"optim.scheduler={args.scheduler}", "optim.warmup_ratio=0.0", "train.epochs=1000",
-        f"train.max_steps={args.steps}", f"train.eval_every={args.eval_every}", "train.micro_batch_size=16",
+        f"train.max_steps={steps or args.steps}", f"train.eval_every={1 if steps else args.eval_every}",
+        "train.micro_batch_size=16",
         *([f"data.eval_files=[{work / f'held_out_{args.held_out}.jsonl'}]"] if args.held_out != "ground_truth" else []),
     ])  # fmt: skip
+
+
+def stage_gap(args, work: Path) -> dict[str, float]:
+    """How far the teacher itself is from the oracle, by the trainer's own eval: a distillation run with the ORACLE as
+    the student, read at its step-0 eval (before any update), so that its teacher_forward_kl is KL(teacher || oracle)
+    and its teacher_reverse_kl KL(oracle || teacher), on the oracle's samples of the held-out prompts and (dataset_)
+    on the held-out responses. A student whose proxy falls below the oracle's own distance to the teacher is nearer
+    the teacher than the oracle is: only there can moving toward the teacher move it away from the oracle."""
+    stage_distill(args, work, 0.0, "gap", student=work / "oracle" / "final", steps=1)
+    row = next(r for r in map(json.loads, (work / "gap" / "metrics.jsonl").read_text().splitlines()) if "step" in r
+               and "teacher_distance" in r)  # fmt: skip
+    names = {"teacher_forward_kl": "kl_teacher_oracle", "teacher_reverse_kl": "kl_oracle_teacher",
+             "teacher_jsd": "jsd_teacher_oracle"}  # fmt: skip
+    gap = {prefix + name: row[prefix + key] for key, name in names.items() for prefix in ("", "dataset_")}
+    (work / "gap.json").write_text(json.dumps(gap, indent=1))
+    print(", ".join(f"{key} {value:.4f}" for key, value in gap.items()))
+    return gap
 
 
 def curves(run_dir: Path) -> dict[str, list]:
@@ -192,6 +214,7 @@ def stage_plot(args, work: Path) -> None:
         result["signature"] = {prefix or "student_": hacking_signature(result, prefix) for prefix in ("", "dataset_")}
     held_out = {"ground_truth": "ground-truth", "oracle": "oracle-sampled", "teacher": "teacher-sampled"}[args.held_out]
     distance = DISTANCE_NAMES[args.divergence]
+    gap = json.loads((work / "gap.json").read_text()) if (work / "gap.json").exists() else None
     figure, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for axis, prefix, title in ((axes[0], "", "on the student's samples of held-out prompts"),
                                 (axes[1], "dataset_", f"on {held_out} held-out responses")):  # fmt: skip
@@ -199,6 +222,9 @@ def stage_plot(args, work: Path) -> None:
             style = {"offline": "-", "online": "--"}[name]
             axis.plot(result["step"], result[prefix + "teacher_distance"], style, color="C0", label=f"{name}: teacher")
             axis.plot(result["step"], result[prefix + "oracle_distance"], style, color="C3", label=f"{name}: oracle")
+        if gap and prefix:  # the teacher's own golden distance on the same responses (none on each student's own)
+            teacher_golden = gap[prefix + TEACHER_GOLDEN[args.divergence]]
+            axis.axhline(teacher_golden, color="grey", linestyle=":", label="the teacher's own golden distance")
         axis.set(title=title, xlabel="optimizer step", ylabel=f"per-token {distance.format(p='p')}, nats", yscale="log")
         axis.legend()
     for name, result in results.items():  # the paper's proxy-golden plot (its Figure 4)
@@ -212,7 +238,7 @@ def stage_plot(args, work: Path) -> None:
     figure.tight_layout()
     figure.savefig(work / "teacher_hacking.png", dpi=120)
     (work / "teacher_hacking.json").write_text(
-        json.dumps({"args": vars(args) | {"workdir": str(work)}, **results}, indent=1)
+        json.dumps({"args": vars(args) | {"workdir": str(work)}, "teacher_to_oracle": gap, **results}, indent=1)
     )
     for name, result in results.items():
         for where, sig in result["signature"].items():
@@ -225,7 +251,7 @@ def stage_plot(args, work: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", choices=["models", "offline", "online", "plot", "all"], default="all")
+    parser.add_argument("--stage", choices=["models", "offline", "online", "gap", "plot", "all"], default="all")
     parser.add_argument("--workdir", type=Path, default=Path("runs/teacher_hacking"))
     parser.add_argument("--oracle-steps", type=int, default=400)
     parser.add_argument("--teacher-steps", type=int, default=150)
@@ -268,6 +294,8 @@ def main() -> None:
         stage_distill(args, work, 0.0, "offline")
     if args.stage in ("online", "all"):
         stage_distill(args, work, 1.0, "online")
+    if args.stage in ("gap", "all"):
+        stage_gap(args, work)
     if args.stage in ("plot", "all"):
         stage_plot(args, work)
 
