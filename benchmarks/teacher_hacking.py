@@ -170,7 +170,7 @@ def stage_gap(args, work: Path) -> dict[str, float]:
     the student, read at its step-0 eval (before any update), so that its teacher_forward_kl is KL(teacher || oracle)
     and its teacher_reverse_kl KL(oracle || teacher), on the oracle's samples of the held-out prompts and (dataset_)
     on the held-out responses. The teacher's golden distance (KL(oracle || teacher) for forward KL) is where a student
-    that converges on the teacher ends; a student below it at the start can only lose golden distance by learning
+    that converges on the teacher ends; a student that starts below it moves away from the oracle as it learns
     the teacher (a rough guide from the README's runs: KL is no metric)."""
     stage_distill(args, work, 0.0, "gap", student=work / "oracle" / "final", steps=1)
     row = next(r for r in map(json.loads, (work / "gap" / "metrics.jsonl").read_text().splitlines()) if "step" in r
