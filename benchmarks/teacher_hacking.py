@@ -165,22 +165,22 @@ def stage_distill(args, work: Path, fraction: float, name: str, student: Path | 
     ])  # fmt: skip
 
 
-def stage_gap(args, work: Path) -> dict[str, float]:
+def stage_gap(args, work: Path) -> None:
     """How far the teacher itself is from the oracle, by the trainer's own eval: a distillation run with the ORACLE as
     the student, read at its step-0 eval (before any update), so that its teacher_forward_kl is KL(teacher || oracle)
     and its teacher_reverse_kl KL(oracle || teacher), on the oracle's samples of the held-out prompts and (dataset_)
     on the held-out responses. The teacher's golden distance (KL(oracle || teacher) for forward KL) is where a student
     that converges on the teacher ends; a student that starts below it moves away from the oracle as it learns
     the teacher (a rough guide from the README's runs: KL is no metric)."""
-    stage_distill(args, work, 0.0, "gap", student=work / "oracle" / "final", steps=1)
-    row = next(r for r in map(json.loads, (work / "gap" / "metrics.jsonl").read_text().splitlines()) if "step" in r
-               and "teacher_distance" in r)  # fmt: skip
+    if not (work / "gap" / "metrics.jsonl").exists():  # measured once per workdir, like the models
+        stage_distill(args, work, 0.0, "gap", student=work / "oracle" / "final", steps=1)
+    row = next(r for r in map(json.loads, (work / "gap" / "metrics.jsonl").read_text().splitlines())
+               if "teacher_distance" in r)  # fmt: skip
     names = {"teacher_forward_kl": "kl_teacher_oracle", "teacher_reverse_kl": "kl_oracle_teacher",
              "teacher_jsd": "jsd_teacher_oracle"}  # fmt: skip
     gap = {prefix + name: row[prefix + key] for key, name in names.items() for prefix in ("", "dataset_")}
     (work / "gap.json").write_text(json.dumps(gap, indent=1))
     print(", ".join(f"{key} {value:.4f}" for key, value in gap.items()))
-    return gap
 
 
 def curves(run_dir: Path) -> dict[str, list]:
